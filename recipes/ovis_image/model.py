@@ -1,0 +1,75 @@
+"""Ovis-Image model builders: the full 7B architecture and a tiny one on the same code path."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
+
+# The Qwen3 chat template, reduced to what the Ovis-Image pipeline uses (one user turn, no thinking).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# FLUX.1 / Ovis-Image scheduler settings (resolution-dependent exponential shift).
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def byte_level_tokenizer() -> Qwen2TokenizerFast:
+    """A Qwen2 tokenizer over the 256 byte symbols with no merges: every byte is a token, so any text
+    (English or Chinese) encodes, and the tiny model sees text character by character. Built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, pad_token="<|endoftext|>",
+                              eos_token="<|im_end|>", bos_token=None, chat_template=CHAT_TEMPLATE,
+                              model_max_length=1024)
+
+
+def ovis_image_tiny(
+    *,
+    hidden_size: int = 32,
+    num_heads: int = 2,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
+    latent_channels: int = 4,
+    vae_block_out_channels: tuple[int, ...] = (8, 16),
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    seed: int = 0,
+) -> OvisImagePipeline:
+    """A randomly initialised Ovis-Image pipeline at CPU size, built offline from configs with the same
+    classes as the 7B model (`OvisImageTransformer2DModel`, `Qwen3Model`, `AutoencoderKL`)."""
+    torch.manual_seed(seed)
+    head_dim = hidden_size // num_heads
+    if sum(axes_dims_rope) != head_dim:
+        raise ValueError(f"axes_dims_rope {axes_dims_rope} must sum to the head dim {head_dim}")
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, out_channels=4 * latent_channels, num_layers=num_layers,
+        num_single_layers=num_single_layers, attention_head_dim=head_dim, num_attention_heads=num_heads,
+        joint_attention_dim=text_hidden_size, axes_dims_rope=axes_dims_rope)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(vae_block_out_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_block_out_channels),
+        block_out_channels=list(vae_block_out_channels), layers_per_block=1, norm_num_groups=4,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer = byte_level_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
+        num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=text_hidden_size // 2, max_position_embeddings=1024))
+    for module in (transformer, vae, text_encoder):
+        module.eval()
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
