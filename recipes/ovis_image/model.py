@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
@@ -13,6 +15,13 @@ CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# The Ovis-Image MMDiT (7.37B parameters): 6 double-stream + 27 single-stream blocks, 24 heads of 128,
+# RoPE axes (16, 56, 56), 2x2-packed 16-channel FLUX latents (64 input channels), Qwen3 states of width 2048.
+OVIS_IMAGE_7B_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=6, num_single_layers=27,
+                                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=2048,
+                                 axes_dims_rope=(16, 56, 56))
+OVIS_IMAGE_7B_HUB_ID = "AIDC-AI/Ovis-Image-7B"
 
 # FLUX.1 / Ovis-Image scheduler settings (resolution-dependent exponential shift).
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
@@ -73,3 +82,58 @@ def ovis_image_tiny(
         module.eval()
     return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+def ovis_image_7b_transformer(path: str | None = None, torch_dtype: torch.dtype = torch.bfloat16,
+                              device: str | torch.device | None = None) -> OvisImageTransformer2DModel:
+    """The 7.37B Ovis-Image MMDiT: randomly initialised with the report's architecture (pretraining, or
+    `device="meta"` to inspect it without memory), or loaded from a diffusers folder / Hub id `path`
+    (its `transformer` subfolder when there is one)."""
+    if path is None:
+        with torch.device(device or "cpu"):
+            return OvisImageTransformer2DModel(**OVIS_IMAGE_7B_TRANSFORMER).to(torch_dtype)
+    subfolder = "transformer" if _has_subfolder(path, "transformer") else None
+    return OvisImageTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+
+
+def ovis_image_7b(
+    path: str = OVIS_IMAGE_7B_HUB_ID,
+    *,
+    transformer: str | OvisImageTransformer2DModel | None = None,
+    text_encoder: str | None = None,
+    vae: str | None = None,
+    torch_dtype: torch.dtype = torch.bfloat16,
+) -> OvisImagePipeline:
+    """The full Ovis-Image pipeline: each part from a local diffusers folder or Hub id.
+
+    Args:
+        path (`str`, defaults to `"AIDC-AI/Ovis-Image-7B"`): a folder or Hub id in the diffusers layout
+            (`transformer/`, `text_encoder/`, `tokenizer/`, `vae/`, `scheduler/`).
+        transformer (`str` or module, *optional*): another checkpoint of the MMDiT (e.g. an SFT result),
+            or `"random"` for the randomly initialised architecture (pretraining from scratch).
+        text_encoder (`str`, *optional*): another source of the Qwen3 text encoder (Ovis2.5's LLM).
+        vae (`str`, *optional*): another source of the FLUX.1-schnell VAE (e.g.
+            `"black-forest-labs/FLUX.1-schnell"`; its `vae` subfolder is used).
+        torch_dtype (`torch.dtype`, defaults to bfloat16).
+    """
+    if transformer == "random":
+        transformer = ovis_image_7b_transformer(None, torch_dtype)
+    elif transformer is None or isinstance(transformer, str):
+        transformer = ovis_image_7b_transformer(transformer or path, torch_dtype)
+    te_path = text_encoder or path
+    te_sub = "text_encoder" if _has_subfolder(te_path, "text_encoder") else None
+    vae_path = vae or path
+    vae_sub = "vae" if _has_subfolder(vae_path, "vae") else None
+    return OvisImagePipeline(
+        transformer=transformer,
+        text_encoder=Qwen3Model.from_pretrained(te_path, subfolder=te_sub, torch_dtype=torch_dtype),
+        tokenizer=Qwen2TokenizerFast.from_pretrained(path, subfolder="tokenizer"),
+        vae=AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, torch_dtype=torch_dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+    )
+
+
+def _has_subfolder(path: str, name: str) -> bool:
+    """True for a local folder with `name/` inside, and for Hub ids (the diffusers repo layout)."""
+    local = Path(path)
+    return (local / name).is_dir() if local.exists() else True
