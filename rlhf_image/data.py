@@ -1,0 +1,416 @@
+"""Image-text datasets for pretraining and SFT, and aspect-ratio buckets.
+
+Every dataset here is a map-style `torch.utils.data.Dataset` whose items are dicts
+`{"image": PIL.Image.Image (RGB), "caption": str, "key": str, **extra_columns}`; `key` names the
+sample stably (it keys the latent cache). An image that cannot be decoded (truncated bytes, a text
+file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the dataset counts it in
+`num_skipped`, and the trainer's collator drops it from its batch and logs `data/skipped_images`.
+
+Sources: a folder of images with same-stem `.txt` captions ([`ImageFolderDataset`]), a JSONL or CSV
+manifest ([`ManifestDataset`]), parquet files with image bytes or paths ([`ParquetImageDataset`]) and
+webdataset-style tar shards ([`TarShardDataset`], read with `tarfile`, no webdataset dependency).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import math
+import os
+import struct
+import tarfile
+import zlib
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import PIL.Image
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# What PIL raises on undecodable input: broken headers (UnidentifiedImageError is an OSError), truncated
+# data ("image file is truncated"), corrupt chunks (SyntaxError, struct.error, zlib.error), huge images.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                           PIL.Image.DecompressionBombError)
+
+ImageSource = str | bytes  # a file path or the encoded bytes
+
+
+def open_image(source: ImageSource) -> PIL.Image.Image:
+    """Decode an image fully (so truncation is caught here, not later) and convert it to RGB."""
+    with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def read_image_size(source: ImageSource) -> tuple[int, int]:
+    """`(height, width)` from the image header only (cheap; does not detect truncated data)."""
+    with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+        width, height = image.size
+    return height, width
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Base class of the image-caption datasets. Subclasses implement `__len__`, [`_image_source`] and
+    [`_text`]; synthetic datasets may override [`_load_image`] instead of [`_image_source`].
+
+    Attributes:
+        num_skipped (`int`): images that could not be read so far, in this process (each index once).
+    """
+
+    def __init__(self):
+        self._skipped: set[int] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._skipped)
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    def _image_source(self, index: int) -> ImageSource:
+        """The path or encoded bytes of image `index`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `_image_source` or `_load_image`")
+
+    @abstractmethod
+    def _text(self, index: int) -> dict[str, Any]:
+        """`{"caption": str, "key": str, **extra_columns}` of item `index` (no image decoding)."""
+
+    def _load_image(self, index: int) -> PIL.Image.Image:
+        return open_image(self._image_source(index))
+
+    def _read_size(self, index: int) -> tuple[int, int]:
+        return read_image_size(self._image_source(index))
+
+    def _mark_unreadable(self, index: int, error: Exception) -> None:
+        if index not in self._skipped:
+            logger.warning("skipping unreadable image %s: %s", self._text(index)["key"], error)
+        self._skipped.add(index)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            image = self._load_image(index)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            self._mark_unreadable(index, error)
+            return None
+        return {"image": image, **self._text(index)}
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """`(height, width)` of image `index` from its header, or `None` (counted) if unreadable."""
+        try:
+            return self._read_size(index)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            self._mark_unreadable(index, error)
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The readable items in order (unreadable ones skipped and counted)."""
+        for index in range(len(self)):
+            item = self[index]
+            if item is not None:
+                yield item
+
+
+class ImageFolderDataset(ImageTextDataset):
+    """Images in a folder (recursively) with a same-stem `.txt` caption file beside each one
+    (`cat.jpg` + `cat.txt`). Images without a caption file are left out (and logged).
+
+    Args:
+        root (`str`): the folder.
+    """
+
+    def __init__(self, root: str):
+        super().__init__()
+        self.root = root
+        self.paths: list[str] = []
+        num_uncaptioned = 0
+        for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+            if path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+                if os.path.isfile(os.path.splitext(path)[0] + ".txt"):
+                    self.paths.append(path)
+                else:
+                    num_uncaptioned += 1
+        if num_uncaptioned:
+            logger.warning("%d images in %s have no .txt caption and are left out", num_uncaptioned, root)
+        if not self.paths:
+            raise ValueError(f"no image with a same-stem .txt caption found under {root!r}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image_source(self, index: int) -> str:
+        return self.paths[index]
+
+    def _text(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
+            caption = f.read().strip()
+        return {"caption": caption, "key": os.path.relpath(path, self.root)}
+
+
+class ManifestDataset(ImageTextDataset):
+    """Rows of a JSONL (`.jsonl`/`.json` lines) or CSV manifest: an image path (relative to the manifest's
+    folder, or absolute), a caption, and any extra columns, passed through as item columns.
+
+    Args:
+        path (`str`): the manifest file.
+        image_column (`str`, defaults to `"image"`), caption_column (`str`, defaults to `"caption"`).
+    """
+
+    def __init__(self, path: str, image_column: str = "image", caption_column: str = "caption"):
+        super().__init__()
+        self.path = path
+        self.image_column, self.caption_column = image_column, caption_column
+        self.root = os.path.dirname(os.path.abspath(path))
+        if path.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                self.rows = list(csv.DictReader(f))
+        elif path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8") as f:
+                self.rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise ValueError(f"manifest {path!r} must end in .jsonl, .json (one object per line) or .csv")
+        for number, row in enumerate(self.rows):
+            missing = {image_column, caption_column} - set(row)
+            if missing:
+                raise ValueError(f"{path} row {number} lacks the column(s) {sorted(missing)}; set `image_column` "
+                                 f"and `caption_column` to the manifest's column names")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image_source(self, index: int) -> str:
+        return os.path.join(self.root, self.rows[index][self.image_column])
+
+    def _text(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        extra = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)}
+        return {**extra, "caption": str(row[self.caption_column]), "key": str(row[self.image_column])}
+
+
+class ParquetImageDataset(ImageTextDataset):
+    """Rows of one or more parquet files. The image column holds encoded bytes, a
+    `{"bytes": ..., "path": ...}` struct (the Hugging Face `datasets` Image feature) or a path string
+    (relative to the file's folder). Other columns are passed through.
+
+    Args:
+        paths (`str` or `list[str]`): files, or a glob pattern.
+        image_column (`str`, defaults to `"image"`), caption_column (`str`, defaults to `"caption"`).
+    """
+
+    def __init__(self, paths: str | Sequence[str], image_column: str = "image", caption_column: str = "caption"):
+        super().__init__()
+        import pyarrow.parquet as pq
+
+        self.files = sorted(glob.glob(paths)) if isinstance(paths, str) else list(paths)
+        if not self.files:
+            raise ValueError(f"no parquet file matches {paths!r}")
+        self.image_column, self.caption_column = image_column, caption_column
+        self.rows: list[tuple[int, int]] = []  # (file number, row in file)
+        self.tables = []
+        for number, path in enumerate(self.files):
+            table = pq.read_table(path, memory_map=True)
+            missing = {image_column, caption_column} - set(table.column_names)
+            if missing:
+                raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; set `image_column` and "
+                                 f"`caption_column` to its column names ({table.column_names})")
+            self.tables.append(table)
+            self.rows += [(number, row) for row in range(table.num_rows)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image_source(self, index: int) -> ImageSource:
+        number, row = self.rows[index]
+        value = self.tables[number].column(self.image_column)[row].as_py()
+        if isinstance(value, dict):  # datasets' Image feature
+            value = value["bytes"] if value.get("bytes") is not None else value["path"]
+        if isinstance(value, str):
+            return os.path.join(os.path.dirname(os.path.abspath(self.files[number])), value)
+        if isinstance(value, bytes):
+            return value
+        raise ValueError(f"unsupported image value of type {type(value).__name__} in column {self.image_column!r}")
+
+    def _text(self, index: int) -> dict[str, Any]:
+        number, row = self.rows[index]
+        table = self.tables[number]
+        extra = {name: table.column(name)[row].as_py() for name in table.column_names
+                 if name not in (self.image_column, self.caption_column)}
+        caption = table.column(self.caption_column)[row].as_py()
+        return {**extra, "caption": str(caption), "key": f"{os.path.basename(self.files[number])}:{row}"}
+
+
+class TarShardDataset(ImageTextDataset):
+    """Webdataset-style tar shards: members grouped by key (the member path up to the first dot of its
+    file name), one image (`key.jpg`, `key.png`, ...) plus a caption in `key.txt` or in the
+    `caption_field` of `key.json` (whose other fields become columns). Read with `tarfile`; the shards
+    are indexed once and members read by offset.
+
+    Args:
+        shards (`str` or `list[str]`): shard files, or a glob pattern such as `"data/*.tar"`.
+        caption_field (`str`, defaults to `"caption"`): the caption's field in `key.json`.
+    """
+
+    def __init__(self, shards: str | Sequence[str], caption_field: str = "caption"):
+        super().__init__()
+        self.shards = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
+        if not self.shards:
+            raise ValueError(f"no tar shard matches {shards!r}")
+        self.caption_field = caption_field
+        # one entry per sample: (shard number, key, image (offset, size), caption, extra columns)
+        self.samples: list[tuple[int, str, tuple[int, int], str, dict[str, Any]]] = []
+        for number, shard in enumerate(self.shards):
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, name = os.path.split(member.name)
+                    key, _, suffix = name.partition(".")
+                    groups.setdefault(os.path.join(folder, key), {})[suffix.lower()] = member
+                for key, members in groups.items():
+                    image = next((members[s] for s in members if "." + s in IMAGE_EXTENSIONS), None)
+                    text = self._read_text(tar, members)
+                    if image is None or text is None:
+                        logger.warning("%s: sample %r has no image or no caption; left out", shard, key)
+                        continue
+                    caption, extra = text
+                    self.samples.append((number, key, (image.offset_data, image.size), caption, extra))
+        if not self.samples:
+            raise ValueError(f"no image-caption sample found in {self.shards}")
+
+    def _read_text(self, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]):
+        extra: dict[str, Any] = {}
+        caption = None
+        if "json" in members:
+            extra = json.loads(tar.extractfile(members["json"]).read().decode("utf-8"))
+            caption = extra.pop(self.caption_field, None)
+        if "txt" in members:
+            caption = tar.extractfile(members["txt"]).read().decode("utf-8").strip()
+        return None if caption is None else (str(caption), extra)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _image_source(self, index: int) -> bytes:
+        number, _, (offset, size), _, _ = self.samples[index]
+        with open(self.shards[number], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def _text(self, index: int) -> dict[str, Any]:
+        number, key, _, caption, extra = self.samples[index]
+        return {**extra, "caption": caption, "key": f"{os.path.basename(self.shards[number])}:{key}"}
+
+
+# --- aspect-ratio buckets ------------------------------------------------------------------------
+
+def make_buckets(resolution: int, aspect_ratios: Sequence[float] = (0.5, 0.75, 1.0, 4 / 3, 2.0),
+                 multiple_of: int = 16) -> list[tuple[int, int]]:
+    """Buckets `(height, width)` of about `resolution**2` pixels for the aspect ratios `width / height`,
+    each side rounded to a multiple of `multiple_of` (the model's pixel unit: VAE factor x patch)."""
+    buckets = []
+    for ratio in aspect_ratios:
+        height = max(multiple_of, round(resolution / math.sqrt(ratio) / multiple_of) * multiple_of)
+        width = max(multiple_of, round(resolution * math.sqrt(ratio) / multiple_of) * multiple_of)
+        if (height, width) not in buckets:
+            buckets.append((height, width))
+    return buckets
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket for an image: the closest aspect ratio (in log space); among buckets of that ratio, the
+    largest the image covers without upscaling, else the smallest. Ties go to the earlier bucket."""
+    distance = [abs(math.log(width / height) - math.log(w / h)) for h, w in buckets]
+    best = min(distance)
+    same_ratio = [b for b, d in zip(buckets, distance) if d - best <= 1e-9]
+    covered = [b for b in same_ratio if b[0] <= height and b[1] <= width]
+    if covered:
+        return max(covered, key=lambda b: b[0] * b[1])
+    return min(same_ratio, key=lambda b: b[0] * b[1])
+
+
+def resize_to_bucket(image: PIL.Image.Image, bucket: tuple[int, int]) -> PIL.Image.Image:
+    """Resize `image` so it covers `bucket` = `(height, width)` (aspect ratio kept, bicubic), then
+    center-crop to exactly the bucket."""
+    target_h, target_w = bucket
+    scale = max(target_h / image.height, target_w / image.width)
+    new_w = max(target_w, round(image.width * scale))
+    new_h = max(target_h, round(image.height * scale))
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
+    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches whose samples all share one bucket (so each batch has one resolution), for one rank.
+
+    Per epoch, each bucket's indices are shuffled with a generator seeded by `(seed, epoch)` and cut into
+    batches of `batch_size` (a bucket's last, smaller batch is kept unless `drop_last`); the batches are
+    then shuffled together. That global list is made a multiple of `num_replicas` (dropping the tail with
+    `drop_last`, else repeating batches from its start, so every rank runs the same number of steps) and
+    rank `r` takes batches `r, r + num_replicas, ...`: its local batch `j` is global batch
+    `j * num_replicas + r`.
+
+    Args:
+        buckets (`list[tuple[int, int] | None]`): the bucket of each dataset index; `None` leaves it out.
+        batch_size (`int`): samples per batch (per rank).
+        shuffle (`bool`, defaults to `True`), seed (`int`, defaults to 0), drop_last (`bool`, defaults to `False`).
+        num_replicas (`int`, defaults to 1), rank (`int`, defaults to 0): data-parallel sharding.
+    """
+
+    def __init__(self, buckets: Sequence[tuple[int, int] | None], batch_size: int, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < num_replicas, got {batch_size}, {rank}, "
+                             f"{num_replicas}")
+        self.buckets = list(buckets)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            if bucket is not None:
+                self.groups.setdefault(tuple(bucket), []).append(index)
+        if not self.groups:
+            raise ValueError("no readable sample to batch")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_global_batches(self) -> int:
+        sizes = [len(g) // self.batch_size if self.drop_last else math.ceil(len(g) / self.batch_size)
+                 for g in self.groups.values()]
+        return sum(sizes)
+
+    def __len__(self) -> int:
+        num = self._num_global_batches()
+        return num // self.num_replicas if self.drop_last else math.ceil(num / self.num_replicas)
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's batches for all ranks, before sharding and padding."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        batches = []
+        for indices in self.groups.values():  # insertion order: the order buckets first appear
+            if self.shuffle:
+                indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches()
+        total = len(self) * self.num_replicas
+        batches = (batches * math.ceil(total / len(batches)))[:total] if total > len(batches) else batches[:total]
+        yield from batches[self.rank::self.num_replicas]
