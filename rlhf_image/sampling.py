@@ -167,10 +167,10 @@ def generate(
                 states.append(latents)
                 latents, log_prob, _, _ = step_fn(velocity, latents, sigma, sigma_next, noise_level, generators)
                 log_probs.append(log_prob)
+                if step == end - 1:  # the state leaving the window, not the final latents
+                    states.append(latents)
             else:
                 latents = ode_step(velocity, latents, sigma, sigma_next)
-        if states:
-            states.append(latents)
         n = len(rows)
         chunks.append({
             "latents": torch.stack(states, dim=1)[:n] if states else latents.new_zeros(n, 0, *latents.shape[1:]),
