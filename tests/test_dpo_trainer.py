@@ -69,11 +69,12 @@ def test_first_step_loss_is_log2_from_the_reference(tmp_path, use_lora):
     assert first["error/policy_rejected"] == first["error/ref_rejected"]
 
 
-@pytest.mark.parametrize("sdpo", [False, True], ids=["dpo", "sdpo"])
+@pytest.mark.parametrize("sdpo", [None, "output", "parameter"], ids=["dpo", "sdpo-output", "sdpo-parameter"])
 def test_loss_and_gradient_match_an_independent_computation(tmp_path, sdpo):
     policy, reference = make_policy(0), make_policy(1)
     rows = bright_dark_rows(3)
-    args = config(tmp_path, per_device_train_batch_size=3, beta=50.0, sdpo=sdpo, sdpo_mu=0.3)
+    args = config(tmp_path, per_device_train_batch_size=3, beta=50.0, sdpo=sdpo is not None,
+                  sdpo_space=sdpo or "output", sdpo_mu=0.3)
     trainer = DPOTrainer(policy, ref_model=reference, args=args, train_dataset=rows)
     trainer.model.train()
     batch = collate_pairs(rows)
@@ -105,10 +106,15 @@ def test_loss_and_gradient_match_an_independent_computation(tmp_path, sdpo):
     # Gradient: d loss / d e_w * grad e_w + lambda * d loss / d e_l * grad e_l.
     weight = torch.sigmoid(-logits).detach() * 0.5 * 50.0 / 3
     scale = 1.0
-    if sdpo:
-        dot = (residuals[0] * residuals[1]).sum().item()
-        scale = min(1.0, max(0.0, 0.7 * (residuals[0] ** 2).sum().item() / dot)) if dot > 0 else 1.0
-        assert trainer._metrics["train"]["sdpo/lambda"][0] == pytest.approx(scale, rel=1e-4)
+    if sdpo == "output":
+        dot, sq = (residuals[0] * residuals[1]).sum().item(), (residuals[0] ** 2).sum().item()
+    elif sdpo == "parameter":
+        g_w = torch.cat([g.flatten() for g in torch.autograd.grad(errors[0].mean(), params, retain_graph=True)])
+        g_l = torch.cat([g.flatten() for g in torch.autograd.grad(errors[1].mean(), params, retain_graph=True)])
+        dot, sq = g_w.dot(g_l).item(), g_w.dot(g_w).item()
+    if sdpo is not None:
+        scale = min(1.0, max(0.0, 0.7 * sq / dot)) if dot > 0 else 1.0
+        assert trainer._metrics["train"]["sdpo/lambda"][0] == pytest.approx(scale, rel=1e-3)
     surrogate = (weight * errors[0]).sum() - scale * (weight * errors[1]).sum()
     expected_grads = torch.autograd.grad(surrogate, params)
     for got, want in zip(grads, expected_grads):
