@@ -1,0 +1,159 @@
+"""The rollout engine protocol: how a trainer gets samples and rewards, wherever they are computed.
+
+A trainer hands an engine its policy and reward functions once (`bind`), tells it when the weights change
+(`sync_weights`), and asks for rollouts (`rollout`). The engine returns everything the update needs in a
+[`RolloutBatch`]: the trajectory (latents through the recorded window, the log-probs recorded while
+sampling, the prompt conditioning) and the raw per-reward values. The math that turns rewards into
+advantages (weights, aggregation, group normalisation) stays in the trainer.
+
+[`InProcessRolloutEngine`] samples with [`~rlhf_image.sampling.generate`] on the trainer's own policy and
+scores in the same process; `rollout.RayRolloutEngine` does the same on Ray workers. An engine must not
+assume it shares memory with the trainer: it receives weights only through `sync_weights` and returns
+plain tensors (the trainer moves them to its device).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from rewards.compose import RewardSet
+
+from .policy import FlowPolicy
+from .sampling import Trajectory, generate
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How to sample: fixed for a run (the window is passed per call).
+
+    Args:
+        height, width (`int`): image size in pixels.
+        num_steps (`int`): denoising steps.
+        sde_type (`str`): `"sde"`, `"cps"` or `"ode"` (evaluation).
+        noise_level (`float`): SDE/CPS noise scale.
+        guidance_scale (`float`): true CFG scale (1.0: none).
+        micro_batch_size (`int`): rows per transformer call; the trainer's per-device batch size.
+    """
+
+    height: int
+    width: int
+    num_steps: int
+    sde_type: str
+    noise_level: float
+    guidance_scale: float
+    micro_batch_size: int
+
+
+@dataclass
+class RolloutBatch:
+    """What one rollout returns.
+
+    Args:
+        trajectory ([`~rlhf_image.sampling.Trajectory`]): `N` samples with decoded images, recorded latents
+            `[N, K + 1, C, h, w]`, log-probs `[N, K]` and conditioning, in the order of the prompts asked for.
+        per_reward (`torch.Tensor` of shape `[N, R]`, float64): raw value of each reward function (columns in
+            `reward_names` order), NaN where a reward returned `None`.
+        reward_names (`list[str]` of length `R`).
+        weights_version (`int`): the version (from `sync_weights`) of the weights that sampled the batch.
+        timings (`dict[str, float]`): seconds spent per phase, at least `"rollout"` (sampling and decoding)
+            and `"reward"`.
+    """
+
+    trajectory: Trajectory
+    per_reward: torch.Tensor
+    reward_names: list[str]
+    weights_version: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples trajectories with a policy's current weights and scores them with the reward functions."""
+
+    def bind(self, policy: FlowPolicy, reward_funcs: Sequence[Callable], reward_names: Sequence[str]) -> None:
+        """Called once by the trainer before the first rollout: the policy to sample from (its architecture and
+        initial weights) and the reward functions (`fn(prompts, images, **columns) -> list[float | None]`)."""
+
+    def sync_weights(self, policy: FlowPolicy, version: int) -> None:
+        """Make the next rollouts use `policy`'s current trainable weights, tagged `version` (the trainer's
+        global step). A remote engine sends the weights (only the adapter for LoRA)."""
+
+    def rollout(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        columns: dict[str, list[Any]],
+        spec: RolloutSpec,
+        window: tuple[int, int],
+    ) -> RolloutBatch:
+        """Sample one image per prompt and score it.
+
+        Args:
+            prompts (`list[str]` of length N), seeds (`list[int]` of length N): sample `i` must depend only on
+                `(prompts[i], seeds[i])` and the weights (see [`~rlhf_image.sampling.generate`]).
+            columns (`dict[str, list]`): extra dataset columns, each of length N, passed to the rewards.
+            spec ([`RolloutSpec`]).
+            window (`tuple[int, int]`): stochastic, recorded steps `[start, end)`.
+        """
+
+    def close(self) -> None:
+        """Release workers and resources; the engine is not used afterwards."""
+
+
+class InProcessRolloutEngine:
+    """The default engine: samples on the trainer's policy in this process, then scores.
+
+    The policy object is shared with the trainer, so `sync_weights` only records the version. Rewards are
+    called through `rewards.compose.RewardSet`, which runs async rewards concurrently.
+    """
+
+    def __init__(self) -> None:
+        self.policy: FlowPolicy | None = None
+        self.reward_set: RewardSet | None = None
+        self.reward_names: list[str] = []
+        self.version = -1
+
+    def bind(self, policy: FlowPolicy, reward_funcs: Sequence[Callable], reward_names: Sequence[str]) -> None:
+        self.policy = policy
+        self.reward_set = RewardSet(list(reward_funcs))
+        self.reward_names = list(reward_names)
+        if self.reward_set.names != self.reward_names:
+            raise ValueError(f"reward names {self.reward_set.names} differ from the trainer's {self.reward_names}")
+
+    def sync_weights(self, policy: FlowPolicy, version: int) -> None:
+        if policy is not self.policy:
+            raise ValueError("InProcessRolloutEngine samples with the policy given to `bind`; pass that policy")
+        self.version = version
+
+    def rollout(self, prompts: list[str], seeds: list[int], columns: dict[str, list[Any]], spec: RolloutSpec,
+                window: tuple[int, int]) -> RolloutBatch:
+        if self.policy is None or self.reward_set is None:
+            raise RuntimeError("call `bind` before `rollout`")
+        timings = {}
+        start = time.perf_counter()
+        trajectory = generate(
+            self.policy, prompts, seeds, height=spec.height, width=spec.width, num_steps=spec.num_steps,
+            sde_type=spec.sde_type, noise_level=spec.noise_level, window=window,
+            guidance_scale=spec.guidance_scale, micro_batch_size=spec.micro_batch_size, decode=True)
+        _synchronize(trajectory.final_latents.device)
+        timings["rollout"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = self.reward_set(prompts, trajectory.pil_images(), **columns)
+        timings["reward"] = time.perf_counter() - start
+        per_reward = torch.from_numpy(np.asarray(result.per_reward, dtype=np.float64))
+        return RolloutBatch(trajectory, per_reward, list(self.reward_names), self.version, timings)
+
+    def close(self) -> None:
+        self.policy = None
+        self.reward_set = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
