@@ -1,0 +1,551 @@
+"""`GRPOTrainer`: Flow-GRPO (Liu et al., 2025) for flow-matching text-to-image models, on `transformers.Trainer`.
+
+One rollout batch per `num_iterations` optimizer steps. Each process samples `per_device_train_batch_size *
+gradient_accumulation_steps` images (whole groups of `num_generations` per prompt) through the rollout engine,
+turns the rewards into group-relative advantages, and splits the batch into `gradient_accumulation_steps`
+micro-batches of exactly `per_device_train_batch_size` images: the same rows the sampler gave each
+transformer call, so the first (on-policy) pass recomputes the recorded log-probs bit for bit and the
+importance ratio is exactly 1 (a self-check). Each micro-batch's loss is the mean over its trained steps of
+the clipped surrogate (`grpo_loss`) plus `beta` times the KL to the reference policy (`step_kl`).
+
+Determinism: nothing random is drawn from a hidden stream. Every sample's noise comes from its own seed,
+derived from `(args.seed, global step at sampling, process index * rollout batch + index)`; the SDE window
+from `(args.seed, global step)`; the trained steps of micro-batch `m` from `(args.seed, global step, m)`.
+The prompt order is a permutation derived from `(args.seed, epoch)`. So a run resumed from a checkpoint (taken
+at a rollout boundary) continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
+
+from rewards.base import reward_name
+from rewards.compose import aggregate
+
+from .advantages import group_advantages
+from .grpo_config import GRPOConfig
+from .losses import grpo_loss
+from .metrics import (PhaseTimer, forward_flops, measure_peak_flops, mfu, reduce_metrics, save_sample_table,
+                      synchronize)
+from .model_io import frozen_copy, is_lora, prepare_transformer, reference_policy, save_full, save_lora, write_model_card
+from .policy import Conditioning, FlowPolicy, tensor_to_pil
+from .rollout_engine import InProcessRolloutEngine, RolloutEngine, RolloutSpec
+from .sampling import Trajectory, transition_log_prob
+from .sde import step_kl
+
+logger = logging.get_logger(__name__)
+
+GRPO_STATE_NAME = "grpo_state.json"
+# Independent random streams, each keyed by (seed, stream, ...) so that no draw depends on another.
+_NOISE_STREAM, _WINDOW_STREAM, _TIMESTEP_STREAM, _EVAL_STREAM, _ORDER_STREAM = range(5)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a fixed function of non-negative integer `keys` (numpy's `SeedSequence` hash)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+class GroupedPromptSampler(Sampler[int]):
+    """Dataset indices for GRPO rollouts: each rollout takes `num_prompts` prompts of a permutation derived from
+    `(seed, epoch)`, repeats each `num_generations` times consecutively (a group), and repeats the whole block
+    `repeat` times (once per micro-step that trains on it). Incomplete rollouts at the end are dropped."""
+
+    def __init__(self, dataset_size: int, num_prompts: int, num_generations: int, repeat: int, seed: int):
+        if dataset_size < num_prompts:
+            raise ValueError(f"train_dataset has {dataset_size} prompts but one rollout batch needs {num_prompts} "
+                             "(rollout batch * processes / num_generations); add prompts or shrink the batch")
+        self.dataset_size, self.num_prompts = dataset_size, num_prompts
+        self.num_generations, self.repeat, self.seed = num_generations, repeat, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, _ORDER_STREAM, self.epoch))
+        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        for first in range(0, len(self) // (self.num_generations * self.repeat), self.num_prompts):
+            block = [i for i in order[first:first + self.num_prompts] for _ in range(self.num_generations)]
+            for _ in range(self.repeat):
+                yield from block
+
+    def __len__(self) -> int:
+        rollouts = self.dataset_size // self.num_prompts
+        return rollouts * self.num_prompts * self.num_generations * self.repeat
+
+
+def _trajectory_to(trajectory: Trajectory, device: torch.device) -> Trajectory:
+    """The trajectory with every tensor (conditioning included) on `device`."""
+    values = {f.name: getattr(trajectory, f.name) for f in fields(trajectory)}
+    for name, value in values.items():
+        if isinstance(value, (torch.Tensor, Conditioning)):
+            values[name] = value.to(device)
+    return Trajectory(**values)
+
+
+def _identity(rows: list[dict]) -> list[dict]:
+    return rows
+
+
+class GRPOTrainer(Trainer):
+    """Group Relative Policy Optimization for flow-matching text-to-image models (Flow-GRPO).
+
+    Args:
+        model ([`FlowPolicy`] or a diffusers pipeline): the policy; a pipeline (`OvisImagePipeline`,
+            `FluxPipeline`) is wrapped with `FlowPolicy.from_pipeline`. Its transformer is what trains.
+        reward_funcs (a callable or a list of callables): rewards `fn(prompts, images, **columns) ->
+            list[float | None]`, sync or async (see `rewards.base`); `None` means "could not score".
+        args ([`GRPOConfig`], *optional*).
+        train_dataset (`datasets.Dataset` or `list[dict]`): rows with a `prompt` column; the other columns are
+            passed to the rewards as keyword lists.
+        eval_dataset (same, *optional*): prompts scored by [`evaluate`] with deterministic (ODE) sampling.
+        reward_weights (`list[float]`, *optional*): one weight per reward (or set `args.reward_weights`).
+        peft_config (`peft.LoraConfig`, *optional*): train a LoRA adapter; the reference is the adapter disabled.
+            Without it the whole transformer trains and, if `beta > 0`, a frozen copy is the reference.
+        rollout_engine ([`RolloutEngine`], *optional*): where rollouts run; defaults to
+            [`InProcessRolloutEngine`].
+        callbacks (`list[TrainerCallback]`, *optional*).
+    """
+
+    _tag_names = ["rlhf-image", "grpo"]
+
+    def __init__(
+        self,
+        model: FlowPolicy | Any,
+        reward_funcs: Callable | Sequence[Callable],
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        reward_weights: Sequence[float] | None = None,
+        peft_config: Any = None,
+        rollout_engine: RolloutEngine | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        args = args if args is not None else GRPOConfig(output_dir="grpo-output")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        if args.activation_checkpointing:
+            raise ValueError("GRPOConfig.activation_checkpointing: diffusers models enable it themselves; call "
+                             "`policy.transformer.enable_gradient_checkpointing()` before building the trainer")
+        policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
+        policy.to(device=args.device)
+        policy.transformer = prepare_transformer(policy.transformer, peft_config)
+        self.policy = policy
+        self.reference_transformer = None
+        if args.beta > 0 and peft_config is None:
+            self.reference_transformer = frozen_copy(policy.transformer)
+
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        if reward_weights is not None and args.reward_weights is not None:
+            raise ValueError("reward weights given twice: pass `reward_weights` to the trainer or set "
+                             "GRPOConfig.reward_weights, not both")
+        weights = reward_weights if reward_weights is not None else args.reward_weights
+        weights = [1.0] * len(self.reward_funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"got {len(weights)} reward weights for {len(self.reward_funcs)} reward functions "
+                             f"({self.reward_names}); pass one weight per reward")
+        self.reward_weights = np.asarray(weights, dtype=np.float64)
+
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is not None and "prompt" not in dataset[0]:
+                raise ValueError(f"{name} rows need a 'prompt' column; got columns {sorted(dataset[0])}")
+
+        super().__init__(model=policy.transformer, args=args, data_collator=_identity, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, callbacks=callbacks)
+        # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+        self.rollout_engine = rollout_engine if rollout_engine is not None else InProcessRolloutEngine()
+        self.rollout_engine.bind(policy, self.reward_funcs, self.reward_names)
+        self.spec = RolloutSpec(
+            height=args.resolution, width=args.resolution, num_steps=args.num_inference_steps,
+            sde_type=args.sde_type, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
+            micro_batch_size=args.micro_batch_size)
+        self.peak_flops = args.peak_flops
+        # Running counts, logged as they are and saved in checkpoints.
+        self.counters = {"nonfinite/skipped_steps_total": 0, "nonfinite/consecutive": 0,
+                         "rewards/unscored_total": 0, "ratio/on_policy_mismatch_total": 0}
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._timer = PhaseTimer(args.device)
+        self._flops: dict[str, float] = defaultdict(float)
+        self._buffer: list[dict] | None = None
+        self._micro_step: int | None = None
+        self._nonfinite_loss = False
+        self._rollout_seconds = 0.0
+        self._hooked_optimizer = None
+        self._last_logged_step = 0
+
+    # --- data ------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("GRPOTrainer: training requires a train_dataset")
+        args = self.args
+        num_prompts = args.rollout_batch_size * args.world_size // args.num_generations
+        sampler = GroupedPromptSampler(len(self.train_dataset), num_prompts, args.num_generations,
+                                       repeat=args.gradient_accumulation_steps * args.num_iterations, seed=args.seed)
+        loader = DataLoader(self.train_dataset, batch_size=args.rollout_batch_size, sampler=sampler,
+                            collate_fn=_identity, num_workers=args.dataloader_num_workers, drop_last=True)
+        return self.accelerator.prepare(loader)
+
+    def _prepare_inputs(self, rows: list[dict]) -> dict[str, Any]:
+        """Called by `training_step` with this process's rows of the current rollout: samples and scores at the
+        start of each rollout cycle, then hands out its micro-batches in order."""
+        args = self.args
+        accumulation = args.gradient_accumulation_steps
+        cycle = accumulation * args.num_iterations
+        if self._micro_step is None:
+            self._micro_step = self.state.global_step * accumulation
+            if self._micro_step % cycle:
+                logger.warning("resuming inside a rollout batch (global step %d is not a multiple of "
+                               "num_iterations=%d): the batch is sampled again, so the run is not exact",
+                               self.state.global_step, args.num_iterations)
+        position = self._micro_step % cycle
+        if position == 0 or self._buffer is None:
+            engine_before = sum(self._timer.seconds[p] for p in ("rollout", "reward"))
+            start = time.perf_counter()
+            self._buffer = self._rollout(rows)
+            self._rollout_seconds = time.perf_counter() - start
+            engine = sum(self._timer.seconds[p] for p in ("rollout", "reward")) - engine_before
+            # Moving tensors, advantages, logging: the trainer's own overhead around the engine.
+            self._timer.add("rollout_overhead", self._rollout_seconds - engine)
+        micro_index = self._micro_step % accumulation
+        self._micro_step += 1
+        return {**self._buffer[micro_index], "iteration": position // accumulation, "micro_index": micro_index}
+
+    def _rollout(self, rows: list[dict]) -> list[dict]:
+        args = self.args
+        step = self.state.global_step
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        offset = self.accelerator.process_index * len(rows)
+        seeds = [derive_seed(args.seed, _NOISE_STREAM, step, offset + i) for i in range(len(rows))]
+        self.rollout_engine.sync_weights(self.policy, version=step)
+        batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
+        if batch.weights_version != step:
+            raise RuntimeError(f"the rollout engine sampled with weights version {batch.weights_version}, expected "
+                               f"{step}: GRPO's recorded log-probs must come from the current weights")
+        if batch.reward_names != self.reward_names:
+            raise RuntimeError(f"the rollout engine returned rewards {batch.reward_names}, expected {self.reward_names}")
+        trajectory = _trajectory_to(batch.trajectory, self.args.device)
+        group_ids = torch.arange(len(rows)) // args.num_generations
+        for i in range(len(rows)):
+            if prompts[i] != prompts[int(group_ids[i]) * args.num_generations]:
+                raise RuntimeError("rows of a rollout batch must come in groups of num_generations equal prompts")
+
+        per_reward = batch.per_reward.double().cpu().numpy()
+        total = aggregate(per_reward, self.reward_weights, args.reward_aggregation)
+        advantages = group_advantages(torch.from_numpy(total), group_ids, scale_by_std=args.scale_rewards != "none",
+                                      batch_std=args.scale_rewards == "batch", clip=args.advantage_clip)
+        self._log_rollout(step, trajectory, per_reward, total, group_ids, advantages, seeds, batch.timings)
+
+        advantages = advantages.to(self.args.device)
+        size = args.per_device_train_batch_size
+        return [{"trajectory": trajectory.select(list(range(m * size, (m + 1) * size))),
+                 "advantages": advantages[m * size:(m + 1) * size]}
+                for m in range(args.gradient_accumulation_steps)]
+
+    def _window(self, step: int) -> tuple[int, int]:
+        """The stochastic steps `[start, end)` of the rollout sampled at `step` (Flow-GRPO-Fast)."""
+        args = self.args
+        if args.sde_window_size == 0:
+            return 0, args.num_inference_steps
+        low, high = args.sde_window_range
+        rng = np.random.default_rng(derive_seed(args.seed, _WINDOW_STREAM, step))
+        start = int(rng.integers(low, high - args.sde_window_size + 1))
+        return start, start + args.sde_window_size
+
+    def _train_steps(self, num_recorded: int, micro_index: int) -> list[int]:
+        """Indices (into the recorded window) trained on by micro-batch `micro_index` at this global step."""
+        count = max(1, int(self.args.timestep_fraction * num_recorded))
+        if count >= num_recorded:
+            return list(range(num_recorded))
+        rng = np.random.default_rng(derive_seed(self.args.seed, _TIMESTEP_STREAM, self.state.global_step, micro_index))
+        return sorted(rng.choice(num_recorded, size=count, replace=False).tolist())
+
+    # --- loss ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference."""
+        args = self.args
+        trajectory: Trajectory = inputs["trajectory"]
+        advantages: torch.Tensor = inputs["advantages"]
+        # Through the wrapper (DDP, DeepSpeed) when there is one, so gradients are synchronised.
+        policy = self.policy
+        if model is not self.model:
+            policy = copy.copy(self.policy)
+            policy.transformer = model
+        guidance = trajectory.guidance_scale if args.train_with_cfg else 1.0
+        steps = self._train_steps(trajectory.log_probs.shape[1], inputs["micro_index"])
+        loss = torch.zeros((), device=args.device)
+        ratios, stats_list, kls = [], [], []
+        for j in steps:
+            log_prob, mean, std = transition_log_prob(policy, trajectory, j, guidance_scale=guidance)
+            step_loss, stats = grpo_loss(log_prob, trajectory.log_probs[:, j], advantages, args.epsilon)
+            if args.beta > 0:
+                with torch.no_grad(), reference_policy(self.policy, self.reference_transformer) as reference:
+                    _, reference_mean, _ = transition_log_prob(reference, trajectory, j, guidance_scale=guidance)
+                kl = step_kl(mean, reference_mean, std)
+                step_loss = step_loss + args.beta * kl.mean()
+                kls.append(kl.detach())
+            loss = loss + step_loss / len(steps)
+            ratios.append(stats["ratio"])
+            stats_list.append(stats)
+
+        ratio = torch.cat(ratios)
+        if inputs["iteration"] == 0 and (guidance == trajectory.guidance_scale):
+            self._check_on_policy_ratio(ratio)
+        metrics = self._metrics
+        metrics["ratio/mean"].append(ratio.mean().item())
+        metrics["ratio/min"].append(ratio.min().item())
+        metrics["ratio/max"].append(ratio.max().item())
+        metrics["clip_frac"].append(torch.cat([s["clip_frac"] for s in stats_list]).mean().item())
+        metrics["approx_kl"].append(torch.cat([s["approx_kl"] for s in stats_list]).mean().item())
+        if kls:
+            metrics["kl"].append(torch.cat(kls).mean().item())
+        metrics["loss/policy"].append(loss.item())
+        if not torch.isfinite(loss):
+            self._nonfinite_loss = True
+        self._count_train_flops(trajectory, len(steps), guidance > 1)
+        return loss
+
+    def _check_on_policy_ratio(self, ratio: torch.Tensor) -> None:
+        if bool((ratio == 1).all()):
+            return
+        self.counters["ratio/on_policy_mismatch_total"] += 1
+        message = (f"on-policy importance ratio is not exactly 1 (min {ratio.min().item()!r}, max "
+                   f"{ratio.max().item()!r}): training does not recompute the sampler's log-probs bit for bit "
+                   "(different micro-batch size, dtype, autocast, dropout, or a remote engine on other hardware)")
+        if self.args.debug_ratio_check:
+            raise RuntimeError(message)
+        if self.counters["ratio/on_policy_mismatch_total"] == 1:
+            logger.warning(message)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._rollout_seconds = 0.0
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        synchronize(self.args.device)
+        self._timer.add("train", time.perf_counter() - start - self._rollout_seconds)
+        return loss
+
+    # --- failure policy --------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if optimizer is not self._hooked_optimizer:
+            optimizer.register_step_pre_hook(self._skip_nonfinite_step)
+            self._hooked_optimizer = optimizer
+        return optimizer
+
+    def _skip_nonfinite_step(self, optimizer, args, kwargs) -> None:
+        """Optimizer pre-step hook: if the loss or any gradient is non-finite, drop every gradient (torch
+        optimizers skip parameters without one: no update, no moment change) and count the step."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not self._nonfinite_loss and all(bool(torch.isfinite(g).all()) for g in grads)
+        self._nonfinite_loss = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must take the same decision (ZeRO ranks each see a shard of the gradients).
+            flag = torch.tensor(0.0 if finite else 1.0, device=self.args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = flag.item() == 0
+        self._metrics["nonfinite/skipped"].append(0.0 if finite else 1.0)
+        if finite:
+            self.counters["nonfinite/consecutive"] = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.counters["nonfinite/skipped_steps_total"] += 1
+        self.counters["nonfinite/consecutive"] += 1
+        consecutive = self.counters["nonfinite/consecutive"]
+        logger.warning("non-finite loss or gradient at step %d: optimizer step skipped (%d in a row)",
+                       self.state.global_step + 1, consecutive)
+        if consecutive >= self.args.max_consecutive_nonfinite:
+            raise RuntimeError(
+                f"{consecutive} optimizer steps in a row had a non-finite loss or gradient "
+                f"(GRPOConfig.max_consecutive_nonfinite={self.args.max_consecutive_nonfinite}); training stopped at "
+                f"step {self.state.global_step + 1}. Lower the learning rate, check the rewards, or use float32.")
+
+    # --- logging ---------------------------------------------------------------------------------
+    def _log_rollout(self, step, trajectory, per_reward, total, group_ids, advantages, seeds, timings) -> None:
+        metrics = self._metrics
+        for k, name in enumerate(self.reward_names):
+            column = per_reward[:, k]
+            scored = column[~np.isnan(column)]
+            metrics[f"rewards/{name}/mean"].append(float(scored.mean()) if scored.size else math.nan)
+            metrics[f"rewards/{name}/std"].append(float(scored.std()) if scored.size else math.nan)
+        scored_total = total[~np.isnan(total)]
+        metrics["rewards/total/mean"].append(float(scored_total.mean()) if scored_total.size else math.nan)
+        metrics["rewards/total/std"].append(float(scored_total.std()) if scored_total.size else math.nan)
+        unscored = int(np.isnan(total).sum())
+        self.counters["rewards/unscored_total"] += unscored
+        metrics["rewards/unscored"].append(float(unscored))
+        spreads = []
+        for group in torch.unique(group_ids):
+            values = total[(group_ids == group).numpy()]
+            values = values[~np.isnan(values)]
+            spreads.append(values.size < 2 or float(values.std()) == 0.0)
+        metrics["frac_reward_zero_std"].append(float(np.mean(spreads)))
+        metrics["advantages/mean"].append(advantages.mean().item())
+        metrics["advantages/std"].append(advantages.std(unbiased=False).item())
+        metrics["advantages/min"].append(advantages.min().item())
+        metrics["advantages/max"].append(advantages.max().item())
+        for phase in ("rollout", "reward"):
+            self._timer.add(phase, timings.get(phase, 0.0))
+        self._count_rollout_flops(trajectory)
+        if self.args.log_samples_steps and step % self.args.log_samples_steps == 0 and self.is_world_process_zero():
+            self._log_samples(step, trajectory, per_reward, total, group_ids, advantages, seeds)
+
+    def _log_samples(self, step, trajectory, per_reward, total, group_ids, advantages, seeds) -> None:
+        count = min(self.args.num_log_samples, len(trajectory))
+        images = tensor_to_pil(trajectory.images[:count])
+        rows = [{"prompt": trajectory.prompts[i], "seed": seeds[i], "group": int(group_ids[i]),
+                 "rewards": {name: _none_if_nan(per_reward[i, k]) for k, name in enumerate(self.reward_names)},
+                 "total": _none_if_nan(total[i]), "advantage": float(advantages[i])} for i in range(count)]
+        if "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                table = wandb.Table(columns=["image", "prompt", *self.reward_names, "total", "advantage"])
+                for image, row in zip(images, rows):
+                    table.add_data(wandb.Image(image), row["prompt"], *row["rewards"].values(), row["total"],
+                                   row["advantage"])
+                wandb.log({"samples": table, "train/global_step": step})
+                return
+        save_sample_table(os.path.join(self.args.output_dir, "samples"), step, images, rows)
+
+    def _count_rollout_flops(self, trajectory: Trajectory) -> None:
+        calls = math.ceil(len(trajectory) / self.args.micro_batch_size) * self.args.num_inference_steps
+        calls *= 2 if trajectory.guidance_scale > 1 else 1
+        self._flops["rollout"] += calls * self._forward_flops(trajectory)
+
+    def _count_train_flops(self, trajectory: Trajectory, num_steps: int, cfg: bool) -> None:
+        calls = num_steps * (2 if cfg else 1)
+        # Forward + backward = 3 forwards; the reference adds one forward.
+        self._flops["train"] += calls * (3 + (1 if self.args.beta > 0 else 0)) * self._forward_flops(trajectory)
+
+    def _forward_flops(self, trajectory: Trajectory) -> int:
+        return forward_flops(self.policy, trajectory.cond, trajectory.height, trajectory.width,
+                             self.args.micro_batch_size)
+
+    def floating_point_ops(self, inputs) -> int:
+        # Trainer.store_flos sums this per micro-step; the analytic count is reported through `log` instead.
+        return 0
+
+    def _phase_metrics(self) -> dict[str, float]:
+        steps = max(1, self.state.global_step - self._last_logged_step)
+        self._last_logged_step = self.state.global_step
+        seconds = self._timer.pop()
+        if self.peak_flops is None:
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else self.policy.dtype
+            self.peak_flops = measure_peak_flops(self.args.device, dtype)
+        out = {f"time/{phase}": value / steps for phase, value in seconds.items()}
+        for phase in ("rollout", "train"):
+            if seconds.get(phase):
+                out[f"mfu/{phase}"] = mfu(self._flops[phase], seconds[phase], self.peak_flops)
+        if seconds:
+            out["mfu/total"] = mfu(sum(self._flops.values()), sum(seconds.values()), self.peak_flops)
+        self._flops.clear()
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not any(key.startswith("eval_") for key in logs) and "train_runtime" not in logs:
+            logs = {**logs, **reduce_metrics(self._metrics), **self._phase_metrics()}
+            logs.update({key: float(value) for key, value in self.counters.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # --- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score the eval prompts on deterministic (ODE) samples with fixed seeds, so numbers are comparable across
+        steps. Every process evaluates the whole eval set. Returns `{prefix}_rewards/<name>/mean` and the total."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("GRPOTrainer.evaluate needs an eval_dataset")
+        rows = [dataset[i] for i in range(len(dataset))]
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        seeds = [derive_seed(self.args.seed, _EVAL_STREAM, i) for i in range(len(rows))]
+        self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
+        batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
+        per_reward = batch.per_reward.double().cpu().numpy()
+        total = aggregate(per_reward, self.reward_weights, self.args.reward_aggregation)
+        metrics = {}
+        for k, name in enumerate(self.reward_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = float(np.nanmean(per_reward[:, k]))
+        metrics[f"{metric_key_prefix}_rewards/total/mean"] = float(np.nanmean(total))
+        metrics[f"{metric_key_prefix}_time/rollout"] = batch.timings.get("rollout", 0.0)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --- checkpoints and saving ------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        self._micro_step, self._buffer = None, None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, GRPO_STATE_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self.counters.update(json.load(f)["counters"])
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return result
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, GRPO_STATE_NAME), "w") as f:
+                json.dump({"counters": self.counters, "global_step": self.state.global_step}, f, indent=1)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) keep the Trainer's layout, which resumes. A user's call writes what
+        stock diffusers loads (see `rlhf_image.model_io`) and a model card."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else None
+        if not self.args.should_save:
+            return
+        if is_lora(self.model):
+            save_lora(self.model, output_dir, state_dict)
+        else:
+            save_full(self.model, output_dir, state_dict)
+        write_model_card(output_dir, method="GRPO", base_model=self.policy.base_model_name_or_path,
+                         lora=is_lora(self.model), details=self._card_details(), metrics=self._final_metrics())
+
+    def _card_details(self) -> dict[str, object]:
+        args = self.args
+        rewards = ", ".join(f"{name} (weight {w:g})" for name, w in zip(self.reward_names, self.reward_weights))
+        return {"reward functions": rewards, "reward aggregation": args.reward_aggregation,
+                "steps": self.state.global_step, "sampler": f"{args.sde_type}, noise level {args.noise_level}",
+                "group size": args.num_generations, "resolution": args.resolution,
+                "inference steps": args.num_inference_steps, "learning rate": args.learning_rate, "beta": args.beta}
+
+    def _final_metrics(self) -> dict[str, float]:
+        for entry in reversed(self.state.log_history):
+            found = {k: v for k, v in entry.items() if k.startswith("rewards/") and k.endswith("/mean")}
+            if found:
+                return found
+        return {}
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(float(value)) else float(value)

@@ -1,0 +1,41 @@
+"""Shared pieces of the GRPO tests: verifiable rewards, prompts, and a tiny CPU config."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlhf_image import GRPOConfig
+
+PROMPTS = ["a cat", "a dog", "a red house", "the sea", "a tree", "the sun", "a car", "a boat"]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+
+
+def brightness(prompts, images, **columns):
+    """Mean pixel value in [0, 1]: a verifiable reward the tiny models can climb."""
+    return [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
+
+
+def redness(prompts, images, **columns):
+    """Mean of the red channel in [0, 1]."""
+    return [float(np.asarray(image, dtype=np.float32)[..., 0].mean() / 255) for image in images]
+
+
+def dataset(n: int = len(PROMPTS)) -> list[dict]:
+    return [{"prompt": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" {i}")} for i in range(n)]
+
+
+def tiny_config(output_dir, **overrides) -> GRPOConfig:
+    """Two prompts x four images per step at 32x32 px, four denoising steps, on the CPU."""
+    values = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+        num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_inference_steps=4, resolution=32, guidance_scale=1.0, max_steps=2, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_strategy="no", log_samples_steps=0, logging_steps=1,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def logged(trainer, key: str) -> list[float]:
+    """Per-step values of `key` in the trainer's log history."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -1,0 +1,212 @@
+"""GRPOTrainer invariants on the tiny Ovis-Image model: exact on-policy ratio, zero KL at the reference,
+advantages by the formula, the failure policy, windows, evaluation, sample tables and metrics."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, redness, tiny_config
+from peft import LoraConfig
+from tiny_models import tiny_ovis_pipeline
+
+from rlhf_image import GRPOTrainer, InProcessRolloutEngine
+from rlhf_image.grpo_trainer import derive_seed
+from rlhf_image.sampling import generate
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
+
+
+def trainable(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_on_policy_ratio_is_exactly_one_and_kl_zero_at_reference(tmp_path, use_lora):
+    # CFG, a Flow-GRPO-Fast window, a subset of trained steps and gradient accumulation all on: every
+    # on-policy transformer call must still reproduce the sampler bit for bit (debug_ratio_check raises otherwise).
+    args = tiny_config(tmp_path, guidance_scale=3.0, num_inference_steps=5, sde_window_size=3,
+                       sde_window_range=[0, 5], timestep_fraction=0.67, beta=0.1, num_iterations=2, max_steps=4,
+                       debug_ratio_check=True, learning_rate=1e-2)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(),
+                          peft_config=lora() if use_lora else None)
+    trainer.train()
+    ratio_min, ratio_max, kl = logged(trainer, "ratio/min"), logged(trainer, "ratio/max"), logged(trainer, "kl")
+    # Steps 1 and 3 start a rollout batch (on-policy); 2 and 4 are its second pass.
+    assert ratio_min[0] == ratio_max[0] == 1.0 and ratio_min[2] == ratio_max[2] == 1.0
+    assert ratio_min[1] != 1.0 or ratio_max[1] != 1.0
+    assert kl[0] == 0.0  # the policy is the reference before the first update
+    assert kl[1] > 0 and kl[3] > 0
+    assert logged(trainer, "ratio/on_policy_mismatch_total")[-1] == 0
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_advantages_follow_the_formula_on_logged_rewards(tmp_path):
+    # Two rewards with weights, per-prompt std and an advantage clip, recomputed by hand from the sample table.
+    args = tiny_config(tmp_path, max_steps=1, log_samples_steps=1, num_log_samples=8, advantage_clip=1.2,
+                       reward_weights=[1.0, 0.5])
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=args, train_dataset=dataset())
+    trainer.train()
+    table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
+    assert os.path.isfile(tmp_path / "samples" / "step_000000.png")
+    rewards = np.array([[row["rewards"]["brightness"], row["rewards"]["redness"]] for row in table])
+    total = rewards @ np.array([1.0, 0.5])
+    np.testing.assert_allclose([row["total"] for row in table], total, rtol=1e-12)
+    groups = np.array([row["group"] for row in table])
+    expected = np.zeros(len(table))
+    for g in np.unique(groups):
+        r = total[groups == g]
+        expected[groups == g] = (r - r.mean()) / (r.std() + 1e-4)
+    expected = np.clip(expected, -1.2, 1.2)
+    # group_advantages works in float32 and the tiny model's rewards spread by ~1e-3: allow float32 rounding.
+    np.testing.assert_allclose([row["advantage"] for row in table], expected, atol=2e-4)
+    assert len({row["prompt"] for row in table if row["group"] == 0}) == 1
+    np.testing.assert_allclose(logged(trainer, "rewards/brightness/mean")[0], rewards[:, 0].mean(), rtol=1e-9)
+    np.testing.assert_allclose(logged(trainer, "advantages/max")[0], expected.max(), atol=2e-4)
+
+
+@pytest.mark.parametrize("scale,mode", [("batch", "normalize_then_sum"), ("none", "sum_then_normalize")])
+def test_advantage_options(tmp_path, scale, mode):
+    args = tiny_config(tmp_path, max_steps=1, log_samples_steps=1, num_log_samples=8, scale_rewards=scale,
+                       reward_aggregation=mode, advantage_clip=None)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=args, train_dataset=dataset())
+    trainer.train()
+    table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
+    rewards = np.array([[row["rewards"]["brightness"], row["rewards"]["redness"]] for row in table])
+    if mode == "normalize_then_sum":
+        rewards = (rewards - rewards.mean(0)) / rewards.std(0)
+    total = rewards.sum(1)
+    groups = np.array([row["group"] for row in table])
+    centred = total - np.array([total[groups == g].mean() for g in groups])
+    expected = centred / (total.std() + 1e-4) if scale == "batch" else centred
+    np.testing.assert_allclose([row["advantage"] for row in table], expected, atol=2e-4 if scale == "batch" else 1e-7)
+
+
+def test_unscored_samples_get_zero_advantage_and_are_counted(tmp_path):
+    def picky(prompts, images, **columns):
+        # Cannot score the 2nd and 3rd image of each group of 4.
+        values = brightness(prompts, images)
+        return [None if i % 4 in (1, 2) else v for i, v in enumerate(values)]
+
+    args = tiny_config(tmp_path, max_steps=2, log_samples_steps=1, num_log_samples=8, advantage_clip=None)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), picky, args=args, train_dataset=dataset())
+    trainer.train()
+    table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
+    for g in (0, 1):
+        rows = [row for row in table if row["group"] == g]
+        assert [row["total"] is None for row in rows] == [False, True, True, False]
+        assert rows[1]["advantage"] == rows[2]["advantage"] == 0.0
+        r = np.array([rows[0]["total"], rows[3]["total"]])  # the group's statistics use the scored samples only
+        np.testing.assert_allclose([rows[0]["advantage"], rows[3]["advantage"]], (r - r.mean()) / (r.std() + 1e-4),
+                                   atol=2e-4)
+    assert logged(trainer, "rewards/unscored") == [4.0, 4.0]
+    assert logged(trainer, "rewards/unscored_total")[-1] == 8.0
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    args = tiny_config(tmp_path, max_steps=3)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
+    poisoned_steps = {0}
+
+    def poison(module, inputs, output):  # NaN velocity in the training forward of chosen steps only
+        if torch.is_grad_enabled() and trainer.state.global_step in poisoned_steps:
+            return (output[0] * float("nan"),)
+        return output
+
+    trainer.model.get_base_model().register_forward_hook(poison)
+    before = trainable(trainer)
+    snapshots = []
+
+    class Snapshot(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(trainable(trainer))
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert all(torch.equal(snapshots[0][n], before[n]) for n in before)  # step 1 skipped: nothing moved
+    assert any(not torch.equal(snapshots[1][n], before[n]) for n in before)  # step 2 trained
+    assert logged(trainer, "nonfinite/skipped") == [1.0, 0.0, 0.0]
+    assert logged(trainer, "nonfinite/skipped_steps_total") == [1.0, 1.0, 1.0]
+    assert math.isnan(logged(trainer, "loss/policy")[0])
+    # Adam saw two updates, not three: the skipped step left no moment or step count behind.
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {2}
+
+
+def test_consecutive_nonfinite_steps_stop_training(tmp_path):
+    args = tiny_config(tmp_path, max_steps=5, max_consecutive_nonfinite=2)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
+    parameter = next(p for p in trainer.model.parameters() if p.requires_grad)
+    parameter.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(RuntimeError, match=r"2 optimizer steps in a row had a non-finite loss or gradient.*"
+                                           r"max_consecutive_nonfinite=2"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+class RecordingEngine(InProcessRolloutEngine):
+    """The default engine, recording what the trainer asks for."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def rollout(self, prompts, seeds, columns, spec, window):
+        self.calls.append({"prompts": prompts, "seeds": seeds, "columns": columns, "window": window})
+        return super().rollout(prompts, seeds, columns, spec, window)
+
+
+def test_window_seeds_columns_and_custom_engine(tmp_path):
+    rows = [{"prompt": p, "target": p.upper()} for p in ["a cat", "a dog", "a red house", "the sea"]]
+    args = tiny_config(tmp_path, max_steps=3, num_inference_steps=6, sde_window_size=2, sde_window_range=[1, 5])
+    engine = RecordingEngine()
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=rows, rollout_engine=engine)
+    trainer.train()
+    assert len(engine.calls) == 3
+    windows = [call["window"] for call in engine.calls]
+    assert all(1 <= start and start + 2 == end <= 5 for start, end in windows)
+    assert windows == [trainer._window(step) for step in range(3)]  # a function of (seed, step) only
+    for step, call in enumerate(engine.calls):
+        assert call["seeds"] == [derive_seed(0, 0, step, i) for i in range(8)]
+        assert call["columns"]["target"] == [p.upper() for p in call["prompts"]]
+        assert call["prompts"][0] == call["prompts"][3] and call["prompts"][4] == call["prompts"][7]
+    assert len({s for call in engine.calls for s in call["seeds"]}) == 24  # distinct noise per sample
+
+
+def test_evaluate_scores_deterministic_samples(tmp_path):
+    args = tiny_config(tmp_path, max_steps=1)
+    eval_rows = [{"prompt": "a cat"}, {"prompt": "a boat"}, {"prompt": "the sun"}]
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), eval_dataset=eval_rows)
+    metrics = trainer.evaluate()
+    seeds = [derive_seed(0, 3, i) for i in range(3)]
+    trajectory = generate(trainer.policy, [r["prompt"] for r in eval_rows], seeds, height=32, width=32, num_steps=4,
+                          micro_batch_size=4)
+    expected = np.mean(brightness(None, trajectory.pil_images()))
+    assert metrics["eval_rewards/brightness/mean"] == pytest.approx(expected, rel=1e-12)
+    assert metrics["eval_rewards/total/mean"] == metrics["eval_rewards/brightness/mean"]
+
+
+def test_phase_times_and_mfu_are_logged(tmp_path):
+    args = tiny_config(tmp_path, max_steps=1, peak_flops=1e12)
+    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset())
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "mfu/train" in e)
+    for key in ("time/rollout", "time/reward", "time/train", "mfu/rollout", "mfu/train", "mfu/total", "grad_norm",
+                "clip_frac", "approx_kl", "frac_reward_zero_std", "advantages/std", "rewards/brightness/std"):
+        assert key in entry and math.isfinite(entry[key]), key
+    assert entry["time/train"] > 0 and 0 < entry["mfu/train"] < 1
+
+
+def test_reward_weights_given_twice_or_mismatched(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        GRPOTrainer(tiny_ovis_pipeline(), brightness, args=tiny_config(tmp_path, reward_weights=[1.0]),
+                    train_dataset=dataset(), reward_weights=[2.0])
+    with pytest.raises(ValueError, match="one weight per reward"):
+        GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=tiny_config(tmp_path), train_dataset=dataset(),
+                    reward_weights=[2.0])
+    with pytest.raises(ValueError, match="'prompt' column"):
+        GRPOTrainer(tiny_ovis_pipeline(), brightness, args=tiny_config(tmp_path), train_dataset=[{"text": "x"}])
