@@ -36,6 +36,7 @@ from .ema import EMAModel, is_zero3_partitioned, local_tensor
 from .encode_cache import EncodeCache, fingerprint
 from .fm_config import FlowMatchingConfig
 from .losses import flow_matching_loss, interpolate
+from .model_io import is_lora, prepare_transformer, save_full, save_lora, write_model_card
 from .policy import Conditioning, FlowPolicy, pil_to_tensor
 from .schedule import calculate_shift, loss_weighting, sample_training_sigmas
 
@@ -114,18 +115,6 @@ class BucketCollator:
                 "valid": torch.tensor(valid)}
 
 
-def save_final_transformer(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], output_dir: str) -> None:
-    """Write the trained transformer in diffusers layout, `output_dir/transformer/{config.json,
-    diffusion_pytorch_model.safetensors}`, loadable with `<TransformerClass>.from_pretrained`.
-    (To be routed through `rlhf_image.model_io` once it lands.)"""
-    folder = os.path.join(output_dir, "transformer")
-    os.makedirs(folder, exist_ok=True)
-    transformer.save_config(folder)
-    state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    safetensors.torch.save_file(state_dict, os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                                metadata={"format": "pt"})
-
-
 class _FlowMatchingCallback(TrainerCallback):
     """Hooks the trainer's own state into the Trainer loop: EMA set-up and updates, the bucket sampler's
     epoch, and the EMA files of checkpoints."""
@@ -156,23 +145,24 @@ class FlowMatchingTrainer(Trainer):
 
     Args:
         model ([`FlowPolicy`] or a diffusers pipeline): the model; a pipeline is wrapped with
-            `FlowPolicy.from_pipeline`. Its transformer is trained (initialise it randomly to pretrain).
+            `FlowPolicy.from_pipeline`. Its transformer is trained (initialise it randomly to pretrain), fully
+            or through a LoRA adapter (`peft_config`).
         args ([`FlowMatchingConfig`]): the configuration.
         train_dataset (`torch.utils.data.Dataset`): items `{"image": PIL.Image, "caption": str, ...}`, with an
             optional stable `"key"` (needed for an on-disk latent cache); see [`rlhf_image.data`].
         eval_dataset (`torch.utils.data.Dataset`, *optional*): evaluated with fixed noise (and EMA weights).
+        peft_config (`peft.LoraConfig`, *optional*): train a LoRA adapter instead of all weights (SFT).
         callbacks (`list[TrainerCallback]`, *optional*).
         optimizers (`tuple`, *optional*): `(optimizer, lr_scheduler)`, as for `Trainer`.
     """
 
     def __init__(self, model: FlowPolicy | Any, args: FlowMatchingConfig | None = None,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None)):
+                 peft_config=None, callbacks: list[TrainerCallback] | None = None, optimizers=(None, None)):
         args = args if args is not None else FlowMatchingConfig(output_dir="flow-matching")
         if not isinstance(args, FlowMatchingConfig):
             raise TypeError(f"`args` must be a FlowMatchingConfig, got {type(args).__name__}")
         self.policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
-        transformer = self.policy.transformer
         self.buckets = args.bucket_sizes()
         unit = self.policy.vae_scale_factor * self.policy.latent_patch
         bad = [b for b in self.buckets if b[0] % unit or b[1] % unit]
@@ -186,8 +176,9 @@ class FlowMatchingTrainer(Trainer):
         if args.activation_checkpointing:
             # diffusers models enable it with `enable_gradient_checkpointing()`; the Trainer would call the
             # transformers method name, so the trainer enables it and clears the flag before the Trainer sees it.
-            transformer.enable_gradient_checkpointing()
+            self.policy.transformer.enable_gradient_checkpointing()
             args.activation_checkpointing = args.gradient_checkpointing = False
+        self.policy.transformer = transformer = prepare_transformer(self.policy.transformer, peft_config)
         self._train_buckets = None if train_dataset is None else bucket_assignment(train_dataset, self.buckets)
         self._eval_buckets = None if eval_dataset is None else bucket_assignment(eval_dataset, self.buckets)
         self._num_unreadable_at_scan = sum(b is None for b in (self._train_buckets or []))
@@ -444,12 +435,30 @@ class FlowMatchingTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep the Trainer's format (raw weights; EMA saved beside them).
-        The final model is the EMA weights when enabled, written in diffusers layout by
-        [`save_final_transformer`]. Under ZeRO-3 every rank must call this (the weights are gathered)."""
+        The final model is the EMA weights when enabled, written by `rlhf_image.model_io` (diffusers layout,
+        or a diffusers LoRA file) with a model card. Under ZeRO-3 every rank must call this (weights are
+        gathered)."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
         with self._ema_applied():  # write inside: the state dict may alias the (swapped) parameters
-            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+            # gathered under DeepSpeed (ZeRO-3 partitions); otherwise the model's own save_pretrained
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped) if self.is_deepspeed_enabled else None
             if self.args.should_save:
-                save_final_transformer(self.accelerator.unwrap_model(self.model), state_dict, output_dir)
+                if is_lora(model):
+                    save_lora(model, output_dir, state_dict)
+                else:
+                    save_full(model, output_dir, state_dict)
+        if self.args.should_save:
+            losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+            evals = [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]
+            metrics = {"train_loss (last step)": losses[-1]} if losses else {}
+            metrics.update({"eval_loss (last)": evals[-1]} if evals else {})
+            write_model_card(output_dir, method="Flow matching (pretraining/SFT)",
+                             base_model=self.policy.base_model_name_or_path, lora=is_lora(model),
+                             details={"steps": self.state.global_step, "buckets": self.buckets,
+                                      "learning_rate": self.args.learning_rate,
+                                      "timesteps": f"{self.args.timestep_sampling}, shift {self.args.timestep_shift}",
+                                      "ema": self.args.ema_decay if self.args.use_ema else "off"},
+                             metrics=metrics)
