@@ -1,0 +1,91 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 pretraining with two CPU processes (gloo), launched with torchrun, against a
+single-process run with the same global batch (2 accumulated micro-batches), and a ZeRO-3 save/resume in
+a new process. The shipped recipes/ovis_image/ds_zero{2,3}.json configs are the ones used."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+
+from scripts.fm_zero import REPO, Squares, make_config, make_policy
+from rlhf_image.fm_trainer import FlowMatchingTrainer
+
+pytest.importorskip("deepspeed")
+SCRIPT = os.path.join(REPO, "tests", "scripts", "fm_zero.py")
+WEIGHTS = os.path.join("final", "transformer", "diffusion_pytorch_model.safetensors")
+
+
+def torchrun(*args: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), SCRIPT, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def result(folder):
+    with open(os.path.join(folder, "result.json")) as f:
+        out = json.load(f)
+    return [out["losses"][str(step)] for step in range(1, 6)], out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """1 process, 2 accumulated micro-batches of 2: the same data and noise as 2 processes x 1 micro-batch."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer = FlowMatchingTrainer(make_policy(), args=make_config(str(out), gradient_accumulation_steps=2),
+                                  train_dataset=Squares(), eval_dataset=Squares())
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.save_model(str(out / "final"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, eval_loss, safetensors.torch.load_file(str(out / WEIGHTS))
+
+
+def close_to_reference(folder, reference):
+    losses, out = result(folder)
+    ref_losses, ref_eval, ref_weights = reference
+    assert out["world_size"] == 2
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    np.testing.assert_allclose(out["eval_loss"], ref_eval, rtol=1e-6)
+    weights = safetensors.torch.load_file(os.path.join(folder, WEIGHTS))
+    assert weights.keys() == ref_weights.keys()
+    for name, value in weights.items():
+        np.testing.assert_allclose(value.numpy(), ref_weights[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+    return losses, weights
+
+
+def test_zero2_data_parallel(tmp_path, reference):
+    torchrun("--stage", "2", "--output_dir", str(tmp_path))
+    assert result(tmp_path)[1]["zero_stage"] == 2
+    close_to_reference(tmp_path, reference)
+
+
+def test_zero3_save_and_resume(tmp_path, reference):
+    """Straight to step 5 (checkpoint at step 4, mid-epoch of epoch 1); then a new torchrun resumes from
+    that checkpoint to step 5: same step-5 loss and same final (EMA) weights, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun("--stage", "3", "--output_dir", str(straight))
+    assert result(straight)[1]["zero_stage"] == 3
+    losses, weights = close_to_reference(straight, reference)
+    checkpoint = straight / "checkpoint-4"
+    assert (checkpoint / "ema-rank00000-of-00002.safetensors").is_file()
+    assert (checkpoint / "ema-rank00001-of-00002.safetensors").is_file()
+    shutil.copytree(checkpoint, resumed / "checkpoint-4")
+    torchrun("--stage", "3", "--output_dir", str(resumed), "--resume")
+    resumed_losses, out = result(resumed)
+    assert resumed_losses == losses  # steps 1-4 restored from the checkpoint's history, step 5 recomputed
+    assert out["eval_loss"] == result(straight)[1]["eval_loss"]
+    resumed_weights = safetensors.torch.load_file(str(resumed / WEIGHTS))
+    for name, value in weights.items():
+        assert (value == resumed_weights[name]).all(), name
