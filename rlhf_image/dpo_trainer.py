@@ -197,9 +197,11 @@ class DPOTrainer(Trainer):
         }
         if scale is not None:
             record["sdpo/lambda"] = scale
-        for key, value in record.items():
-            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1).to(device))
-            self._metrics[mode][key].append(gathered.mean().item())
+        # One gather and one device sync for all metrics (ranks hold equal micro-batches: mean of means).
+        local = torch.stack([value.detach().float().mean().to(device) for value in record.values()])
+        gathered = self.accelerator.gather(local[None]).reshape(-1, len(record)).mean(dim=0)
+        for key, value in zip(record, gathered.tolist()):
+            self._metrics[mode][key].append(value)
         return (loss, {"margin": margin.detach()}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
