@@ -174,6 +174,7 @@ class DPOTrainer(Trainer):
         if args.sdpo:
             sdpo_kwargs = dict(mu=args.sdpo_mu, lambda_min=args.sdpo_lambda_min, lambda_max=args.sdpo_lambda_max,
                                eps=args.sdpo_eps)
+            # Evaluation has no parameter gradients: it logs the output-space scale.
             if args.sdpo_space == "parameter" and torch.is_grad_enabled():
                 params = [p for p in model.parameters() if p.requires_grad]
                 scale = parameter_space_loser_scale(err_w, err_l, params, **sdpo_kwargs)
