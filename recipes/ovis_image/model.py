@@ -8,6 +8,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
+from rlhf_image.policies import OVIS_SYSTEM_PROMPT
+
 # The Qwen3 chat template, reduced to what the Ovis-Image pipeline uses (one user turn, no thinking).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -28,10 +30,15 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shiftin
                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
-def byte_level_tokenizer() -> Qwen2TokenizerFast:
+def byte_level_tokenizer(words: tuple[str, ...] = ()) -> Qwen2TokenizerFast:
     """A Qwen2 tokenizer over the 256 byte symbols with no merges: every byte is a token, so any text
-    (English or Chinese) encodes, and the tiny model sees text character by character. Built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    (English or Chinese) encodes, and the tiny model sees text character by character. Built offline.
+
+    Args:
+        words (`tuple[str, ...]`, defaults to `()`): whole strings that get a token of their own (added
+            tokens, matched before the byte split, wherever they occur); see [`ovis_prefix_tokenizer`].
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
@@ -39,9 +46,32 @@ def byte_level_tokenizer() -> Qwen2TokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_tokens([AddedToken(word, normalized=False) for word in dict.fromkeys(words)])
     return Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, pad_token="<|endoftext|>",
                               eos_token="<|im_end|>", bos_token=None, chat_template=CHAT_TEMPLATE,
                               model_max_length=1024)
+
+
+# The Ovis-Image pipeline drops the first 28 tokens of the templated prompt: with Qwen's tokenizer they are
+# `<|im_start|>`, `user`, `\n` and the system prompt. With bytes the system prompt alone is ~140 tokens, so a
+# short `max_sequence_length` would keep only the system prompt. Splitting it into these 25 pieces (each one
+# token) makes the prefix 28 tokens and the user prompt start right after it, as with Qwen.
+OVIS_SYSTEM_PROMPT_PIECES = (
+    "Describe", " the", " image", " by", " detailing", " the", " color", ",", " quantity", ",", " text", ",",
+    " shape", ",", " size", ",", " texture", ",", " spatial", " relationships", " of", " the", " objects", " and",
+    " background: ",
+)
+
+
+def ovis_prefix_tokenizer() -> Qwen2TokenizerFast:
+    """[`byte_level_tokenizer`] plus one token each for `user` and the pieces of the Ovis system prompt,
+    so that `<|im_start|>user\n` + system prompt is exactly the 28 tokens the pipeline drops and a tiny
+    model sees the user prompt with a short `max_sequence_length` (e.g. 24-32). The pieces are ordinary
+    added tokens: a user prompt containing one (`" the"`, `","`) gets that token, as a subword
+    vocabulary would; everything else, digits and quotes included, stays one token per byte."""
+    if "".join(OVIS_SYSTEM_PROMPT_PIECES) != OVIS_SYSTEM_PROMPT:
+        raise ValueError("OVIS_SYSTEM_PROMPT_PIECES no longer spell OVIS_SYSTEM_PROMPT: update the pieces")
+    return byte_level_tokenizer(("user", *OVIS_SYSTEM_PROMPT_PIECES))
 
 
 def ovis_image_tiny(
@@ -55,10 +85,17 @@ def ovis_image_tiny(
     vae_block_out_channels: tuple[int, ...] = (8, 16),
     text_hidden_size: int = 32,
     text_layers: int = 2,
+    vae_mid_block_attention: bool = True,
+    tokenizer: Qwen2TokenizerFast | None = None,
     seed: int = 0,
 ) -> OvisImagePipeline:
     """A randomly initialised Ovis-Image pipeline at CPU size, built offline from configs with the same
-    classes as the 7B model (`OvisImageTransformer2DModel`, `Qwen3Model`, `AutoencoderKL`)."""
+    classes as the 7B model (`OvisImageTransformer2DModel`, `Qwen3Model`, `AutoencoderKL`).
+
+    `vae_mid_block_attention=False` drops the VAE's mid-block self-attention (the costliest part of a
+    tiny VAE fitted on the CPU); `tokenizer` defaults to [`byte_level_tokenizer`] (pass
+    [`ovis_prefix_tokenizer`] for a short `max_sequence_length`). See [`ovis_image_tiny_text`] for the
+    CPU demo's sizes."""
     torch.manual_seed(seed)
     head_dim = hidden_size // num_heads
     if sum(axes_dims_rope) != head_dim:
@@ -72,8 +109,9 @@ def ovis_image_tiny(
         down_block_types=["DownEncoderBlock2D"] * len(vae_block_out_channels),
         up_block_types=["UpDecoderBlock2D"] * len(vae_block_out_channels),
         block_out_channels=list(vae_block_out_channels), layers_per_block=1, norm_num_groups=4,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    tokenizer = byte_level_tokenizer()
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=vae_mid_block_attention)
+    tokenizer = tokenizer if tokenizer is not None else byte_level_tokenizer()
     text_encoder = Qwen3Model(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
         num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
