@@ -1,32 +1,18 @@
-"""DPOTrainer under DeepSpeed ZeRO-2 with two CPU processes (gloo), launched with torchrun."""
+"""DPOTrainer under DeepSpeed ZeRO-2 with two CPU processes (gloo)."""
 
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch import REPO, run_processes
 
 
 def test_dpo_trains_under_zero2_with_two_processes(tmp_path):
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), os.path.join(REPO, "tests", "scripts", "dpo_zero2.py"),
-               "--output_dir", str(tmp_path)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    script = os.path.join(REPO, "tests", "scripts", "dpo_zero2.py")
+    for done in run_processes(script, ["--output_dir", str(tmp_path)]):
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in ranks:
         assert result["world_size"] == 2 and result["zero_stage"] == 2

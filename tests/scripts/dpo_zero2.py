@@ -1,5 +1,5 @@
-"""One DPOTrainer run under DeepSpeed ZeRO-2 on CPU (gloo), launched by tests/test_dpo_deepspeed.py as
-`torchrun --nproc_per_node 2 tests/scripts/dpo_zero2.py --output_dir DIR`.
+"""One DPOTrainer run under DeepSpeed ZeRO-2 on CPU (gloo), launched on two processes by
+tests/test_dpo_deepspeed.py through `tests/launch.py` (torchrun's environment, file rendezvous).
 
 Every rank writes `DIR/rank<r>.json` with its per-step DPO losses and a digest of its transformer weights
 before and after training; the final model is saved to `DIR/final` (all ranks join the save).
@@ -19,6 +19,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from launch import init_process_group_from_env  # noqa: E402
 
 from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image.dpo_config import DPOConfig  # noqa: E402
@@ -55,6 +58,7 @@ def pair_rows(n: int) -> list[dict]:
 
 
 def main() -> None:
+    init_process_group_from_env()
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     cli = parser.parse_args()
