@@ -121,9 +121,15 @@ class GRPOTrainer(Trainer):
         rollout_engine ([`RolloutEngine`], *optional*): where rollouts run; defaults to
             [`InProcessRolloutEngine`].
         callbacks (`list[TrainerCallback]`, *optional*).
-    """
 
-    _tag_names = ["rlhf-image", "grpo"]
+    Logged every `logging_steps` (through `Trainer.log`, so wandb and the other integrations get them):
+    `rewards/<name>/{mean,std}` per reward and `rewards/total/{mean,std}`, `rewards/unscored` (samples with a
+    `None`) and `rewards/unscored_total`, `frac_reward_zero_std` (groups with no reward spread),
+    `advantages/{mean,std,min,max}`, `ratio/{mean,min,max}`, `clip_frac`, `approx_kl`, `kl` (when
+    `beta > 0`), `loss/policy`, the Trainer's `loss` and `grad_norm`, `nonfinite/skipped` (this step) and
+    `nonfinite/{skipped_steps_total,consecutive}`, `ratio/on_policy_mismatch_total`, `time/<phase>` (seconds
+    per step for `rollout`, `reward`, `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`.
+    """
 
     def __init__(
         self,
@@ -148,7 +154,7 @@ class GRPOTrainer(Trainer):
         policy.transformer = prepare_transformer(policy.transformer, peft_config)
         self.policy = policy
         self.reference_transformer = None
-        if args.beta > 0 and peft_config is None:
+        if args.beta > 0 and not is_lora(policy.transformer):
             self.reference_transformer = frozen_copy(policy.transformer)
 
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -190,6 +196,7 @@ class GRPOTrainer(Trainer):
         self._micro_step: int | None = None
         self._nonfinite_loss = False
         self._rollout_seconds = 0.0
+        self._micro_step_flops = 0
         self._hooked_optimizer = None
         self._last_logged_step = 0
 
@@ -426,27 +433,32 @@ class GRPOTrainer(Trainer):
                 for image, row in zip(images, rows):
                     table.add_data(wandb.Image(image), row["prompt"], *row["rewards"].values(), row["total"],
                                    row["advantage"])
-                wandb.log({"samples": table, "train/global_step": step})
+                wandb.run.log({"samples": table, "train/global_step": step})
                 return
         save_sample_table(os.path.join(self.args.output_dir, "samples"), step, images, rows)
 
     def _count_rollout_flops(self, trajectory: Trajectory) -> None:
         calls = math.ceil(len(trajectory) / self.args.micro_batch_size) * self.args.num_inference_steps
         calls *= 2 if trajectory.guidance_scale > 1 else 1
-        self._flops["rollout"] += calls * self._forward_flops(trajectory)
+        flops = calls * self._forward_flops(trajectory)
+        self._flops["rollout"] += flops
+        self._micro_step_flops += flops
 
     def _count_train_flops(self, trajectory: Trajectory, num_steps: int, cfg: bool) -> None:
         calls = num_steps * (2 if cfg else 1)
         # Forward + backward = 3 forwards; the reference adds one forward.
-        self._flops["train"] += calls * (3 + (1 if self.args.beta > 0 else 0)) * self._forward_flops(trajectory)
+        flops = calls * (3 + (1 if self.args.beta > 0 else 0)) * self._forward_flops(trajectory)
+        self._flops["train"] += flops
+        self._micro_step_flops += flops
 
     def _forward_flops(self, trajectory: Trajectory) -> int:
         return forward_flops(self.policy, trajectory.cond, trajectory.height, trajectory.width,
                              self.args.micro_batch_size)
 
     def floating_point_ops(self, inputs) -> int:
-        # Trainer.store_flos sums this per micro-step; the analytic count is reported through `log` instead.
-        return 0
+        """Transformer FLOPs of the micro-step just run (its share of rollout included), for `state.total_flos`."""
+        flops, self._micro_step_flops = self._micro_step_flops, 0
+        return int(flops)
 
     def _phase_metrics(self) -> dict[str, float]:
         steps = max(1, self.state.global_step - self._last_logged_step)

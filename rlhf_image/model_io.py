@@ -31,13 +31,13 @@ _PEFT_PREFIX = "base_model.model."
 
 def prepare_transformer(transformer: torch.nn.Module, peft_config: LoraConfig | None = None) -> torch.nn.Module:
     """The module a trainer optimises: `peft.get_peft_model(transformer, peft_config)` (only the adapter
-    trains) when `peft_config` is given, else `transformer` with every parameter trainable. Dropout is
-    switched off (see [`disable_dropout`])."""
+    trains) when `peft_config` is given; a model that already is a `PeftModel` as it is (its adapter trains);
+    else `transformer` with every parameter trainable. Dropout is switched off (see [`disable_dropout`])."""
     if peft_config is not None:
         if isinstance(transformer, PeftModel):
             raise ValueError("the transformer already carries a peft adapter; pass the plain model with peft_config")
         transformer = get_peft_model(transformer, peft_config)
-    else:
+    elif not isinstance(transformer, PeftModel):
         transformer.requires_grad_(True)
     disable_dropout(transformer)
     return transformer

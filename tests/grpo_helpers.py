@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from tiny_models import MAX_SEQUENCE_LENGTH, tiny_flux_pipeline
 
+from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOConfig
+from rlhf_image.policy import FlowPolicy
 
 PROMPTS = ["a cat", "a dog", "a red house", "the sea", "a tree", "the sun", "a car", "a boat"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
@@ -18,6 +21,17 @@ def brightness(prompts, images, **columns):
 def redness(prompts, images, **columns):
     """Mean of the red channel in [0, 1]."""
     return [float(np.asarray(image, dtype=np.float32)[..., 0].mean() / 255) for image in images]
+
+
+def ovis_policy(seed: int = 0) -> FlowPolicy:
+    """Tiny Ovis-Image with a short text sequence (the prefix tokenizer keeps the user prompt in 24 tokens)."""
+    pipe = ovis_image_tiny(tokenizer=ovis_prefix_tokenizer(), seed=seed)
+    return FlowPolicy.from_pipeline(pipe, max_sequence_length=24)
+
+
+def flux_policy(seed: int = 0) -> FlowPolicy:
+    """Tiny FLUX.1 with the T5 sequence at the tokenizers' 16 tokens (FluxPolicy defaults to 512)."""
+    return FlowPolicy.from_pipeline(tiny_flux_pipeline(seed), max_sequence_length=MAX_SEQUENCE_LENGTH)
 
 
 def dataset(n: int = len(PROMPTS)) -> list[dict]:

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from grpo_helpers import LORA_TARGETS, brightness, dataset, tiny_config
+from grpo_helpers import LORA_TARGETS, brightness, dataset, ovis_policy, tiny_config
 from peft import LoraConfig
-from tiny_models import tiny_ovis_pipeline
 from transformers import TrainerCallback
 
 from rlhf_image import GRPOTrainer
@@ -32,7 +31,7 @@ def make_trainer(output_dir, use_lora, callbacks=None):
                        num_inference_steps=4, sde_window_size=2, sde_window_range=[0, 4], timestep_fraction=0.5,
                        beta=0.05, lr_scheduler_type="linear", learning_rate=2e-2)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS) if use_lora else None
-    return GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), peft_config=peft_config,
+    return GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), peft_config=peft_config,
                        callbacks=callbacks)
 
 

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, redness, tiny_config
+from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy, redness, tiny_config
 from peft import LoraConfig
-from tiny_models import tiny_ovis_pipeline
+from transformers import TrainerCallback
 
 from rlhf_image import GRPOTrainer, InProcessRolloutEngine
 from rlhf_image.grpo_trainer import derive_seed
@@ -32,7 +32,7 @@ def test_on_policy_ratio_is_exactly_one_and_kl_zero_at_reference(tmp_path, use_l
     args = tiny_config(tmp_path, guidance_scale=3.0, num_inference_steps=5, sde_window_size=3,
                        sde_window_range=[0, 5], timestep_fraction=0.67, beta=0.1, num_iterations=2, max_steps=4,
                        debug_ratio_check=True, learning_rate=1e-2)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(),
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(),
                           peft_config=lora() if use_lora else None)
     trainer.train()
     ratio_min, ratio_max, kl = logged(trainer, "ratio/min"), logged(trainer, "ratio/max"), logged(trainer, "kl")
@@ -49,7 +49,7 @@ def test_advantages_follow_the_formula_on_logged_rewards(tmp_path):
     # Two rewards with weights, per-prompt std and an advantage clip, recomputed by hand from the sample table.
     args = tiny_config(tmp_path, max_steps=1, log_samples_steps=1, num_log_samples=8, advantage_clip=1.2,
                        reward_weights=[1.0, 0.5])
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=args, train_dataset=dataset())
+    trainer = GRPOTrainer(ovis_policy(), [brightness, redness], args=args, train_dataset=dataset())
     trainer.train()
     table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
     assert os.path.isfile(tmp_path / "samples" / "step_000000.png")
@@ -73,7 +73,7 @@ def test_advantages_follow_the_formula_on_logged_rewards(tmp_path):
 def test_advantage_options(tmp_path, scale, mode):
     args = tiny_config(tmp_path, max_steps=1, log_samples_steps=1, num_log_samples=8, scale_rewards=scale,
                        reward_aggregation=mode, advantage_clip=None)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=args, train_dataset=dataset())
+    trainer = GRPOTrainer(ovis_policy(), [brightness, redness], args=args, train_dataset=dataset())
     trainer.train()
     table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
     rewards = np.array([[row["rewards"]["brightness"], row["rewards"]["redness"]] for row in table])
@@ -93,7 +93,7 @@ def test_unscored_samples_get_zero_advantage_and_are_counted(tmp_path):
         return [None if i % 4 in (1, 2) else v for i, v in enumerate(values)]
 
     args = tiny_config(tmp_path, max_steps=2, log_samples_steps=1, num_log_samples=8, advantage_clip=None)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), picky, args=args, train_dataset=dataset())
+    trainer = GRPOTrainer(ovis_policy(), picky, args=args, train_dataset=dataset())
     trainer.train()
     table = json.load(open(tmp_path / "samples" / "step_000000.json"))["samples"]
     for g in (0, 1):
@@ -110,7 +110,7 @@ def test_unscored_samples_get_zero_advantage_and_are_counted(tmp_path):
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     args = tiny_config(tmp_path, max_steps=3)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
     poisoned_steps = {0}
 
     def poison(module, inputs, output):  # NaN velocity in the training forward of chosen steps only
@@ -122,7 +122,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     before = trainable(trainer)
     snapshots = []
 
-    class Snapshot(__import__("transformers").TrainerCallback):
+    class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             snapshots.append(trainable(trainer))
 
@@ -139,7 +139,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path):
     args = tiny_config(tmp_path, max_steps=5, max_consecutive_nonfinite=2)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), peft_config=lora())
     parameter = next(p for p in trainer.model.parameters() if p.requires_grad)
     parameter.register_hook(lambda grad: grad * float("nan"))
     with pytest.raises(RuntimeError, match=r"2 optimizer steps in a row had a non-finite loss or gradient.*"
@@ -164,7 +164,7 @@ def test_window_seeds_columns_and_custom_engine(tmp_path):
     rows = [{"prompt": p, "target": p.upper()} for p in ["a cat", "a dog", "a red house", "the sea"]]
     args = tiny_config(tmp_path, max_steps=3, num_inference_steps=6, sde_window_size=2, sde_window_range=[1, 5])
     engine = RecordingEngine()
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=rows, rollout_engine=engine)
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=rows, rollout_engine=engine)
     trainer.train()
     assert len(engine.calls) == 3
     windows = [call["window"] for call in engine.calls]
@@ -180,7 +180,7 @@ def test_window_seeds_columns_and_custom_engine(tmp_path):
 def test_evaluate_scores_deterministic_samples(tmp_path):
     args = tiny_config(tmp_path, max_steps=1)
     eval_rows = [{"prompt": "a cat"}, {"prompt": "a boat"}, {"prompt": "the sun"}]
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset(), eval_dataset=eval_rows)
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), eval_dataset=eval_rows)
     metrics = trainer.evaluate()
     seeds = [derive_seed(0, 3, i) for i in range(3)]
     trajectory = generate(trainer.policy, [r["prompt"] for r in eval_rows], seeds, height=32, width=32, num_steps=4,
@@ -192,7 +192,7 @@ def test_evaluate_scores_deterministic_samples(tmp_path):
 
 def test_phase_times_and_mfu_are_logged(tmp_path):
     args = tiny_config(tmp_path, max_steps=1, peak_flops=1e12)
-    trainer = GRPOTrainer(tiny_ovis_pipeline(), brightness, args=args, train_dataset=dataset())
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset())
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "mfu/train" in e)
     for key in ("time/rollout", "time/reward", "time/train", "mfu/rollout", "mfu/train", "mfu/total", "grad_norm",
@@ -203,10 +203,31 @@ def test_phase_times_and_mfu_are_logged(tmp_path):
 
 def test_reward_weights_given_twice_or_mismatched(tmp_path):
     with pytest.raises(ValueError, match="not both"):
-        GRPOTrainer(tiny_ovis_pipeline(), brightness, args=tiny_config(tmp_path, reward_weights=[1.0]),
+        GRPOTrainer(ovis_policy(), brightness, args=tiny_config(tmp_path, reward_weights=[1.0]),
                     train_dataset=dataset(), reward_weights=[2.0])
     with pytest.raises(ValueError, match="one weight per reward"):
-        GRPOTrainer(tiny_ovis_pipeline(), [brightness, redness], args=tiny_config(tmp_path), train_dataset=dataset(),
+        GRPOTrainer(ovis_policy(), [brightness, redness], args=tiny_config(tmp_path), train_dataset=dataset(),
                     reward_weights=[2.0])
     with pytest.raises(ValueError, match="'prompt' column"):
-        GRPOTrainer(tiny_ovis_pipeline(), brightness, args=tiny_config(tmp_path), train_dataset=[{"text": "x"}])
+        GRPOTrainer(ovis_policy(), brightness, args=tiny_config(tmp_path), train_dataset=[{"text": "x"}])
+
+
+def test_samples_go_to_a_wandb_table_when_reporting_to_wandb(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # no run directory, no network
+    logged_tables = []
+
+    class CaptureRun(TrainerCallback):  # runs after the wandb integration has started its run
+        def on_train_begin(self, args, state, control, **kwargs):
+            monkeypatch.setattr(wandb.run, "log", lambda data, *a, **k: logged_tables.append(data))
+
+    args = tiny_config(tmp_path, max_steps=1, log_samples_steps=1, num_log_samples=3, report_to=["wandb"])
+    trainer = GRPOTrainer(ovis_policy(), [brightness, redness], args=args, train_dataset=dataset(),
+                          callbacks=[CaptureRun()])
+    trainer.train()
+    logged_tables = [data for data in logged_tables if "samples" in data]
+    (data,) = logged_tables
+    table = data["samples"]
+    assert table.columns == ["image", "prompt", "brightness", "redness", "total", "advantage"]
+    assert len(table.data) == 3 and data["train/global_step"] == 0
+    assert not (tmp_path / "samples").exists()  # the table went to wandb instead of PNG + JSON

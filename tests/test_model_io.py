@@ -79,6 +79,8 @@ def test_prepare_trainable_parameters_and_dropout():
     assert base_transformer(lora) is lora.get_base_model() and base_transformer(full) is full
     with pytest.raises(ValueError, match="already carries"):
         prepare_transformer(lora, LoraConfig(**LORA))
+    assert prepare_transformer(lora) is lora  # a user's own peft model: its adapter alone stays trainable
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
 
 
 def test_reference_policies():
