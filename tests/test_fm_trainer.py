@@ -304,3 +304,19 @@ def test_lora_sft_trains_only_the_adapter(tmp_path):
     with torch.no_grad(), trainer.ema.applied():
         cond = policy.encode_prompt(["a red square"])
         torch.testing.assert_close(loaded.predict_velocity(x, s, cond), policy.predict_velocity(x, s, cond))
+
+
+def test_flux_with_pooled_text_and_cache(tmp_path):
+    """A second family (CLIP pooled + T5 conditioning): trains, and the cache reproduces the loss."""
+    from tiny_models import tiny_flux_pipeline
+
+    def run(cache):
+        policy = FlowPolicy.from_pipeline(tiny_flux_pipeline(), max_sequence_length=16)
+        args = make_config(tmp_path, max_steps=4, cache_text_embeddings=cache, cache_latents=cache)
+        trainer = FlowMatchingTrainer(policy, args=args, train_dataset=Squares(8))
+        trainer.train()
+        return step_losses(trainer)
+
+    plain = run(False)
+    assert len(plain) == 4 and all(math.isfinite(x) for x in plain)
+    assert run(True) == plain
