@@ -2,7 +2,7 @@
 
 Every dataset here is a map-style `torch.utils.data.Dataset` whose items are dicts
 `{"image": PIL.Image.Image (RGB), "caption": str, "key": str, **extra_columns}`; `key` names the
-sample stably (it keys the latent cache). An image that cannot be decoded (truncated bytes, a text
+sample in its source (file, row or tar member), for logs. An image that cannot be decoded (truncated bytes, a text
 file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the dataset counts it in
 `num_skipped`, and the trainer's collator drops it from its batch and logs `data/skipped_images`.
 

@@ -75,7 +75,7 @@ class FlowMatchingConfig(TrainingArguments):
     cache_text_embeddings: bool = field(
         default=False, metadata={"help": "Cache the frozen text encoder's outputs, keyed by caption."})
     cache_latents: bool = field(
-        default=False, metadata={"help": "Cache the frozen VAE's latents, keyed by sample key and bucket."})
+        default=False, metadata={"help": "Cache the frozen VAE's latents, keyed by the resized image's content."})
     cache_dir: str | None = field(
         default=None, metadata={"help": "Keep the encoder caches on disk in this folder (default: in memory)."})
     encode_batch_size: int | None = field(

@@ -16,6 +16,7 @@ cached and recomputed encodings are bit-identical.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -89,8 +90,9 @@ class _IndexedDataset(Dataset):
 
 class BucketCollator:
     """Batches of `(index, item)` of one bucket -> `{"pixel_values" [B, 3, H, W] in [0, 1], "captions",
-    "keys", "valid" [B]}`. An unreadable item becomes a zero row with `valid = False` (weight 0 in the
-    loss), so a batch keeps its shape and every rank its step count.
+    "image_hashes", "valid" [B]}`. An unreadable item becomes a zero row with `valid = False` (weight 0 in
+    the loss), so a batch keeps its shape and every rank its step count. `image_hashes` (of the resized
+    pixels and their size) key the latent cache by content, so no dataset can hit another's entries.
 
     Args:
         buckets (`list[tuple[int, int] | None]`): the bucket of each dataset index.
@@ -101,17 +103,19 @@ class BucketCollator:
 
     def __call__(self, batch: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any]:
         height, width = self.buckets[batch[0][0]]
-        images, captions, keys, valid = [], [], [], []
+        images, captions, hashes, valid = [], [], [], []
         for index, item in batch:
             if self.buckets[index] != (height, width):
                 raise ValueError(f"batch mixes buckets {self.buckets[index]} and {(height, width)}")
             ok = item is not None
-            images.append(resize_to_bucket(item["image"], (height, width)) if ok
-                          else PIL.Image.new("RGB", (width, height)))
+            image = resize_to_bucket(item["image"], (height, width)) if ok else PIL.Image.new("RGB", (width, height))
+            images.append(image)
             captions.append(str(item["caption"]) if ok else "")
-            keys.append((str(item["key"]) if "key" in item else f"index:{index}") if ok else "")
+            digest = hashlib.sha256(f"{height}x{width}".encode())
+            digest.update(np.asarray(image).tobytes())
+            hashes.append(digest.hexdigest())
             valid.append(ok)
-        return {"pixel_values": pil_to_tensor(images), "captions": captions, "keys": keys,
+        return {"pixel_values": pil_to_tensor(images), "captions": captions, "image_hashes": hashes,
                 "valid": torch.tensor(valid)}
 
 
@@ -148,8 +152,8 @@ class FlowMatchingTrainer(Trainer):
             `FlowPolicy.from_pipeline`. Its transformer is trained (initialise it randomly to pretrain), fully
             or through a LoRA adapter (`peft_config`).
         args ([`FlowMatchingConfig`]): the configuration.
-        train_dataset (`torch.utils.data.Dataset`): items `{"image": PIL.Image, "caption": str, ...}`, with an
-            optional stable `"key"` (needed for an on-disk latent cache); see [`rlhf_image.data`].
+        train_dataset (`torch.utils.data.Dataset`): items `{"image": PIL.Image, "caption": str, ...}`; see
+            [`rlhf_image.data`].
         eval_dataset (`torch.utils.data.Dataset`, *optional*): evaluated with fixed noise (and EMA weights).
         peft_config (`peft.LoraConfig`, *optional*): train a LoRA adapter instead of all weights (SFT).
         callbacks (`list[TrainerCallback]`, *optional*).
@@ -261,7 +265,7 @@ class FlowMatchingTrainer(Trainer):
             pooled = torch.stack([entries[p]["pooled_prompt_embeds"] for p in prompts]).to(device)
         return Conditioning(torch.stack([entries[p]["prompt_embeds"] for p in prompts]).to(device), pooled)
 
-    def _encode_latents(self, pixel_values: torch.Tensor, keys: list[str], valid: torch.Tensor) -> torch.Tensor:
+    def _encode_latents(self, pixel_values: torch.Tensor, image_hashes: list[str], valid: torch.Tensor) -> torch.Tensor:
         """Clean latents `[B, C, h, w]` (float32; zeros for invalid rows), VAE mode (deterministic)."""
         b, _, height, width = pixel_values.shape
         latents = torch.zeros(b, self.policy.num_latent_channels, *self.policy.latent_size(height, width),
@@ -271,7 +275,7 @@ class FlowMatchingTrainer(Trainer):
         if self.latent_cache is not None:
             missing = []
             for i in rows:
-                entry = self.latent_cache.get(f"{keys[i]}@{height}x{width}")
+                entry = self.latent_cache.get(image_hashes[i])
                 if entry is None:
                     missing.append(i)
                 else:
@@ -281,7 +285,7 @@ class FlowMatchingTrainer(Trainer):
             latents[chunk] = encoded.to(latents.device)
             if self.latent_cache is not None:
                 for row, i in enumerate(chunk):
-                    self.latent_cache.put(f"{keys[i]}@{height}x{width}", {"latents": encoded[row]})
+                    self.latent_cache.put(image_hashes[i], {"latents": encoded[row]})
         return latents
 
     # --- loss ---------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ class FlowMatchingTrainer(Trainer):
         dropped = (torch.rand(b, generator=generator) < args.cfg_dropout_prob).tolist()
         prompts = ["" if drop else caption for drop, caption in zip(dropped, captions)]
         cond = self._encode_prompts(prompts, captions)
-        latents = self._encode_latents(pixel_values, inputs["keys"], valid)
+        latents = self._encode_latents(pixel_values, inputs["image_hashes"], valid)
         sigmas = sample_training_sigmas(b, args.timestep_sampling, logit_mean=args.logit_mean,
                                         logit_std=args.logit_std, generator=generator,
                                         **self._shift_kwargs(self.policy.image_seq_len(height, width)))

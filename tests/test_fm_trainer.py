@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import safetensors.torch
 import torch
@@ -115,28 +116,33 @@ def test_batches_have_one_bucket(tmp_path):
 
     class Recording(FlowMatchingTrainer):
         def flow_matching_step(self, model, inputs, generator):
-            seen.append((tuple(inputs["pixel_values"].shape[-2:]), list(inputs["keys"])))
+            seen.append((tuple(inputs["pixel_values"].shape[-2:]), list(inputs["captions"])))
             return super().flow_matching_step(model, inputs, generator)
 
-    data = Squares(24, sizes)
+    class Sized(Squares):  # the caption tells the source size
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "caption": f"{item['image'].height} {item['image'].width}"}
+
+    data = Sized(24, sizes)
     trainer = Recording(make_policy(), args=make_config(tmp_path, buckets=["16x16", "16x32", "32x16"],
                                                         per_device_train_batch_size=3, max_steps=8),
                         train_dataset=data)
     trainer.train()
-    for shape, keys in seen:
-        for key in keys:
-            h, w = sizes[int(key[2:]) % 4]
+    for shape, captions in seen:
+        for caption in captions:
+            h, w = map(int, caption.split())
             assert nearest_bucket(h, w, buckets) == shape
     assert {shape for shape, _ in seen} == set(buckets)
     assert all(math.isfinite(x) for x in step_losses(trainer))
 
 
 def test_cache_skips_encoders_and_keeps_the_loss(tmp_path):
-    def run(cache, cache_dir=None):
+    def run(cache, cache_dir=None, data=Squares(8)):
         policy = make_policy()
         args = make_config(tmp_path, max_steps=6, cfg_dropout_prob=0.3, cache_text_embeddings=cache,
                            cache_latents=cache, cache_dir=cache_dir, output_dir=str(tmp_path / f"out{cache}"))
-        trainer = FlowMatchingTrainer(policy, args=args, train_dataset=Squares(8))
+        trainer = FlowMatchingTrainer(policy, args=args, train_dataset=data)
         calls = {"text": [], "vae": []}
         policy.text_encoder.register_forward_hook(lambda *a: calls["text"].append(trainer.state.global_step))
         policy.vae.encoder.register_forward_hook(lambda *a: calls["vae"].append(trainer.state.global_step))
@@ -152,6 +158,15 @@ def test_cache_skips_encoders_and_keeps_the_loss(tmp_path):
     on_disk, disk_calls = run(True, str(tmp_path / "cache"))
     assert on_disk == plain and max(disk_calls["vae"]) < 2
     assert len(list((tmp_path / "cache").glob("latents-*/*/*.safetensors"))) == 8
+
+    class Inverted(Squares):  # same captions and "key"s, other pixels: the content-keyed cache must miss
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "image": PIL.ImageOps.invert(item["image"])}
+
+    _, other_calls = run(True, str(tmp_path / "cache"), Inverted(8))
+    assert len(other_calls["vae"]) >= 2 and not other_calls["text"]  # new latents; captions all cached
+    assert len(list((tmp_path / "cache").glob("latents-*/*/*.safetensors"))) == 16
 
 
 def test_ema_matches_hand_computation(tmp_path):
