@@ -23,7 +23,7 @@ import os
 import struct
 import tarfile
 import zlib
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,7 +56,7 @@ def read_image_size(source: ImageSource) -> tuple[int, int]:
     return height, width
 
 
-class ImageTextDataset(torch.utils.data.Dataset):
+class ImageTextDataset(torch.utils.data.Dataset, ABC):
     """Base class of the image-caption datasets. Subclasses implement `__len__`, [`_image_source`] and
     [`_text`]; synthetic datasets may override [`_load_image`] instead of [`_image_source`].
 
