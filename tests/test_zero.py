@@ -1,36 +1,28 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 pretraining with two CPU processes (gloo), launched with torchrun, against a
-single-process run with the same global batch (2 accumulated micro-batches), and a ZeRO-3 save/resume in
+"""DeepSpeed ZeRO-2 and ZeRO-3 pretraining with two CPU processes (gloo; launched with torchrun's environment
+and a file rendezvous by tests/launch.py, which sends nothing off the machine), against a single-process run with the same global batch (2 accumulated micro-batches), and a ZeRO-3 save/resume in
 a new process. The shipped recipes/ovis_image/ds_zero{2,3}.json configs are the ones used."""
 
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import safetensors.torch
+from launch import REPO, run_processes
 
-from scripts.fm_zero import REPO, Squares, make_config, make_policy
 from rlhf_image.fm_trainer import FlowMatchingTrainer
+from scripts.fm_zero import Squares, make_config, make_policy
 
 pytest.importorskip("deepspeed")
 SCRIPT = os.path.join(REPO, "tests", "scripts", "fm_zero.py")
 WEIGHTS = os.path.join("final", "transformer", "diffusion_pytorch_model.safetensors")
 
 
-def torchrun(*args: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), SCRIPT, *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+def launch(*args: str) -> None:
+    """Two processes of the script, as `torchrun --nproc_per_node 2` would start them."""
+    for done in run_processes(SCRIPT, list(args), env={"PYTHONWARNINGS": "ignore"}):
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
 def result(folder):
@@ -66,23 +58,23 @@ def close_to_reference(folder, reference):
 
 
 def test_zero2_data_parallel(tmp_path, reference):
-    torchrun("--stage", "2", "--output_dir", str(tmp_path))
+    launch("--stage", "2", "--output_dir", str(tmp_path))
     assert result(tmp_path)[1]["zero_stage"] == 2
     close_to_reference(tmp_path, reference)
 
 
 def test_zero3_save_and_resume(tmp_path, reference):
-    """Straight to step 5 (checkpoint at step 4, mid-epoch of epoch 1); then a new torchrun resumes from
+    """Straight to step 5 (checkpoint at step 4, mid-epoch of epoch 1); then a new launch resumes from
     that checkpoint to step 5: same step-5 loss and same final (EMA) weights, bit for bit."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun("--stage", "3", "--output_dir", str(straight))
+    launch("--stage", "3", "--output_dir", str(straight))
     assert result(straight)[1]["zero_stage"] == 3
     losses, weights = close_to_reference(straight, reference)
     checkpoint = straight / "checkpoint-4"
     assert (checkpoint / "ema-rank00000-of-00002.safetensors").is_file()
     assert (checkpoint / "ema-rank00001-of-00002.safetensors").is_file()
     shutil.copytree(checkpoint, resumed / "checkpoint-4")
-    torchrun("--stage", "3", "--output_dir", str(resumed), "--resume")
+    launch("--stage", "3", "--output_dir", str(resumed), "--resume")
     resumed_losses, out = result(resumed)
     assert resumed_losses == losses  # steps 1-4 restored from the checkpoint's history, step 5 recomputed
     assert out["eval_loss"] == result(straight)[1]["eval_loss"]

@@ -1,5 +1,7 @@
-"""One FlowMatchingTrainer run under DeepSpeed ZeRO on CPU, launched by tests/test_zero.py as
-`torchrun --nproc_per_node 2 tests/scripts/fm_zero.py --stage 3 --output_dir DIR ...`.
+"""One FlowMatchingTrainer run under DeepSpeed ZeRO on CPU (gloo), launched on two processes by
+tests/test_zero.py through `tests/launch.py` (torchrun's environment, file rendezvous: torchrun's TCP store
+sends a DNS query off the machine). By hand, `torchrun --nproc_per_node 2 tests/scripts/fm_zero.py
+--stage 3 --output_dir DIR` runs it too.
 
 Rank 0 writes `DIR/result.json` with the per-step losses; every rank joins the final save (ZeRO-3
 gathers the weights), written to `DIR/final` in diffusers layout. The test imports `make_dataset`
@@ -18,6 +20,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from launch import init_process_group_from_env  # noqa: E402
 
 from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image.fm_config import FlowMatchingConfig  # noqa: E402
@@ -65,6 +70,7 @@ def deepspeed_config(stage: int) -> dict:
 
 
 def main() -> None:
+    init_process_group_from_env()
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, choices=[2, 3], required=True)
     parser.add_argument("--output_dir", required=True)
