@@ -391,33 +391,36 @@ class GRPOTrainer(Trainer):
 
     # --- logging ---------------------------------------------------------------------------------
     def _log_rollout(self, step, trajectory, per_reward, total, group_ids, advantages, seeds, timings) -> None:
+        # Statistics over every process's samples (each process holds whole groups).
+        group_zero_spread = np.zeros(len(total))
+        for group in torch.unique(group_ids):
+            members = (group_ids == group).numpy()
+            values = total[members][~np.isnan(total[members])]
+            group_zero_spread[members] = float(values.size < 2 or float(values.std()) == 0.0)
+        local = np.concatenate([per_reward, total[:, None], advantages.double().cpu().numpy()[:, None],
+                                group_zero_spread[:, None]], axis=1)
+        gathered = self.accelerator.gather(torch.from_numpy(local).to(self.args.device)).cpu().numpy()
+        per_reward, total, advantages, group_zero_spread = (gathered[:, :-3], gathered[:, -3], gathered[:, -2],
+                                                            gathered[:, -1])
         metrics = self._metrics
-        for k, name in enumerate(self.reward_names):
-            column = per_reward[:, k]
+        for name, column in [*zip(self.reward_names, per_reward.T), ("total", total)]:
             scored = column[~np.isnan(column)]
             metrics[f"rewards/{name}/mean"].append(float(scored.mean()) if scored.size else math.nan)
             metrics[f"rewards/{name}/std"].append(float(scored.std()) if scored.size else math.nan)
-        scored_total = total[~np.isnan(total)]
-        metrics["rewards/total/mean"].append(float(scored_total.mean()) if scored_total.size else math.nan)
-        metrics["rewards/total/std"].append(float(scored_total.std()) if scored_total.size else math.nan)
         unscored = int(np.isnan(total).sum())
         self.counters["rewards/unscored_total"] += unscored
         metrics["rewards/unscored"].append(float(unscored))
-        spreads = []
-        for group in torch.unique(group_ids):
-            values = total[(group_ids == group).numpy()]
-            values = values[~np.isnan(values)]
-            spreads.append(values.size < 2 or float(values.std()) == 0.0)
-        metrics["frac_reward_zero_std"].append(float(np.mean(spreads)))
-        metrics["advantages/mean"].append(advantages.mean().item())
-        metrics["advantages/std"].append(advantages.std(unbiased=False).item())
-        metrics["advantages/min"].append(advantages.min().item())
-        metrics["advantages/max"].append(advantages.max().item())
+        # Per-sample flags of equal-size groups: their mean is the share of groups.
+        metrics["frac_reward_zero_std"].append(float(group_zero_spread.mean()))
+        metrics["advantages/mean"].append(float(advantages.mean()))
+        metrics["advantages/std"].append(float(advantages.std()))
+        metrics["advantages/min"].append(float(advantages.min()))
+        metrics["advantages/max"].append(float(advantages.max()))
         for phase in ("rollout", "reward"):
             self._timer.add(phase, timings.get(phase, 0.0))
         self._count_rollout_flops(trajectory)
         if self.args.log_samples_steps and step % self.args.log_samples_steps == 0 and self.is_world_process_zero():
-            self._log_samples(step, trajectory, per_reward, total, group_ids, advantages, seeds)
+            self._log_samples(step, trajectory, local[:, :-3], local[:, -3], group_ids, local[:, -2], seeds)
 
     def _log_samples(self, step, trajectory, per_reward, total, group_ids, advantages, seeds) -> None:
         count = min(self.args.num_log_samples, len(trajectory))
