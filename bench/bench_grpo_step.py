@@ -177,7 +177,8 @@ def main() -> None:
         bare_text = f"{bare_s * 1e3:17.1f}" if bare_s else f"{'':17s}"
         print(f"| {name:40s} | {measured_s * 1e3:14.1f} | {bare_text} | {ratio} |")
     print(f"overhead of the whole step over its bare passes: {100 * (step / bare - 1):.1f}% (target <= 15%); "
-          f"MFU rollout {phase['mfu/rollout']:.3f}, train {phase['mfu/train']:.3f}, whole step {phase['mfu/total']:.3f} "
+          f"MFU rollout {phase['mfu/rollout']:.3f}, train {phase['mfu/train']:.3f}, "
+          f"whole step {phase['mfu/total']:.3f} "
           f"of the measured matmul peak")
 
 

@@ -101,7 +101,8 @@ class GRPOConfig(TrainingArguments):
     # Parameters whose defaults differ from TrainingArguments.
     learning_rate: float = field(
         default=3e-4,
-        metadata={"help": "Initial AdamW learning rate. 3e-4 is Flow-GRPO's LoRA value; use ~1e-5 for full fine-tuning."},
+        metadata={"help": "Initial AdamW learning rate. 3e-4 is Flow-GRPO's LoRA value; use ~1e-5 for full "
+                          "fine-tuning."},
     )
     logging_steps: float = field(
         default=1,
@@ -216,7 +217,8 @@ class GRPOConfig(TrainingArguments):
         if self.sde_type not in SDE_TYPES:
             self._fail("sde_type", f"unknown sampler, expected one of {SDE_TYPES}", "use 'sde' or 'cps'")
         if not self.noise_level > 0:
-            self._fail("noise_level", "a deterministic step has no log-prob to train", "use a value in (0, 1], e.g. 0.7")
+            self._fail("noise_level", "a deterministic step has no log-prob to train",
+                       "use a value in (0, 1], e.g. 0.7")
         if self.sde_type == "cps" and self.noise_level > 1:
             self._fail("noise_level", "CPS needs sin(a pi / 2) <= 1 with a in (0, 1]", "use a value in (0, 1]")
         if self.guidance_scale < 1:

@@ -42,7 +42,8 @@ from .grpo_config import GRPOConfig
 from .losses import grpo_loss
 from .metrics import (PhaseTimer, forward_flops, measure_peak_flops, mfu, reduce_metrics, save_sample_table,
                       synchronize)
-from .model_io import frozen_copy, is_lora, prepare_transformer, reference_policy, save_full, save_lora, write_model_card
+from .model_io import (frozen_copy, is_lora, prepare_transformer, reference_policy, save_full, save_lora,
+                       write_model_card)
 from .policy import Conditioning, FlowPolicy, tensor_to_pil
 from .rollout_engine import InProcessRolloutEngine, RolloutEngine, RolloutSpec
 from .sampling import Trajectory, transition_log_prob
@@ -250,7 +251,8 @@ class GRPOTrainer(Trainer):
             raise RuntimeError(f"the rollout engine sampled with weights version {batch.weights_version}, expected "
                                f"{step}: GRPO's recorded log-probs must come from the current weights")
         if batch.reward_names != self.reward_names:
-            raise RuntimeError(f"the rollout engine returned rewards {batch.reward_names}, expected {self.reward_names}")
+            raise RuntimeError(f"the rollout engine returned rewards {batch.reward_names}, "
+                               f"expected {self.reward_names}")
         trajectory = _trajectory_to(batch.trajectory, self.args.device)
         group_ids = torch.arange(len(rows)) // args.num_generations
         for i in range(len(rows)):
@@ -316,29 +318,28 @@ class GRPOTrainer(Trainer):
             stats_list.append(stats)
 
         ratio = torch.cat(ratios)
-        if inputs["iteration"] == 0 and (guidance == trajectory.guidance_scale):
-            self._check_on_policy_ratio(ratio)
-        metrics = self._metrics
-        metrics["ratio/mean"].append(ratio.mean().item())
-        metrics["ratio/min"].append(ratio.min().item())
-        metrics["ratio/max"].append(ratio.max().item())
-        metrics["clip_frac"].append(torch.cat([s["clip_frac"] for s in stats_list]).mean().item())
-        metrics["approx_kl"].append(torch.cat([s["approx_kl"] for s in stats_list]).mean().item())
+        stats = {"ratio/mean": ratio.mean(), "ratio/min": ratio.min(), "ratio/max": ratio.max(),
+                 "clip_frac": torch.cat([s["clip_frac"] for s in stats_list]).mean(),
+                 "approx_kl": torch.cat([s["approx_kl"] for s in stats_list]).mean(), "loss/policy": loss.detach(),
+                 "on_policy_exact": (ratio == 1).all().float()}
         if kls:
-            metrics["kl"].append(torch.cat(kls).mean().item())
-        metrics["loss/policy"].append(loss.item())
-        if not torch.isfinite(loss):
+            stats["kl"] = torch.cat(kls).mean()
+        values = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one device sync
+        exact = values.pop("on_policy_exact") == 1.0
+        if inputs["iteration"] == 0 and guidance == trajectory.guidance_scale and not exact:
+            self._on_policy_ratio_mismatch(values["ratio/min"], values["ratio/max"])
+        for key, value in values.items():
+            self._metrics[key].append(value)
+        if not math.isfinite(values["loss/policy"]):
             self._nonfinite_loss = True
         self._count_train_flops(trajectory, len(steps), guidance > 1)
         return loss
 
-    def _check_on_policy_ratio(self, ratio: torch.Tensor) -> None:
-        if bool((ratio == 1).all()):
-            return
+    def _on_policy_ratio_mismatch(self, ratio_min: float, ratio_max: float) -> None:
         self.counters["ratio/on_policy_mismatch_total"] += 1
-        message = (f"on-policy importance ratio is not exactly 1 (min {ratio.min().item()!r}, max "
-                   f"{ratio.max().item()!r}): training does not recompute the sampler's log-probs bit for bit "
-                   "(different micro-batch size, dtype, autocast, dropout, or a remote engine on other hardware)")
+        message = (f"on-policy importance ratio is not exactly 1 (min {ratio_min!r}, max {ratio_max!r}): training "
+                   "does not recompute the sampler's log-probs bit for bit (different micro-batch size, dtype, "
+                   "autocast, dropout, or a remote engine on other hardware)")
         if self.args.debug_ratio_check:
             raise RuntimeError(message)
         if self.counters["ratio/on_policy_mismatch_total"] == 1:
@@ -364,7 +365,7 @@ class GRPOTrainer(Trainer):
         """Optimizer pre-step hook: if the loss or any gradient is non-finite, drop every gradient (torch
         optimizers skip parameters without one: no update, no moment change) and count the step."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = not self._nonfinite_loss and all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = not self._nonfinite_loss and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         self._nonfinite_loss = False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must take the same decision (ZeRO ranks each see a shard of the gradients).

@@ -87,7 +87,8 @@ def reference_policy(policy: FlowPolicy, reference_transformer: torch.nn.Module 
         raise ValueError("full fine-tuning needs a `reference_transformer` (see `frozen_copy`)")
 
 
-def lora_state_dict(transformer: PeftModel, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def lora_state_dict(transformer: PeftModel,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter weights with diffusers' key names (`transformer_blocks.0.attn.to_q.lora_A.weight`), on CPU.
 
     Args:
@@ -110,7 +111,8 @@ def save_lora(transformer: PeftModel, save_directory: str, state_dict: dict[str,
     return os.path.join(save_directory, LORA_WEIGHT_NAME)
 
 
-def save_full(transformer: torch.nn.Module, save_directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+def save_full(transformer: torch.nn.Module, save_directory: str,
+              state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Write the transformer to `save_directory/transformer` as diffusers' `save_pretrained` does (config and
     safetensors). A `state_dict` gathered elsewhere (DeepSpeed ZeRO-3) is written as one unsharded file."""
     path = os.path.join(save_directory, TRANSFORMER_PREFIX)

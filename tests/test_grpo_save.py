@@ -20,8 +20,9 @@ def velocity(policy):
 
 
 def test_lora_result_loads_with_pipe_load_lora_weights(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
     trainer = GRPOTrainer(flux_policy(), brightness, args=tiny_config(tmp_path / "run", learning_rate=3e-2),
-                          train_dataset=dataset(), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+                          train_dataset=dataset(), peft_config=lora)
     trainer.train()
     trainer.save_model(str(tmp_path / "lora"))
     assert (tmp_path / "lora" / LORA_WEIGHT_NAME).is_file()

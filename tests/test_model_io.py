@@ -8,8 +8,8 @@ from diffusers import FluxTransformer2DModel, OvisImageTransformer2DModel
 from peft import LoraConfig
 from tiny_models import tiny_flux_pipeline, tiny_ovis_pipeline
 
-from rlhf_image.model_io import (LORA_WEIGHT_NAME, base_transformer, frozen_copy, is_lora, load_lora, prepare_transformer,
-                                 reference_policy, save_full, save_lora, write_model_card)
+from rlhf_image.model_io import (LORA_WEIGHT_NAME, base_transformer, frozen_copy, is_lora, load_lora,
+                                 prepare_transformer, reference_policy, save_full, save_lora, write_model_card)
 from rlhf_image.policy import FlowPolicy
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
