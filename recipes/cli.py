@@ -1,58 +1,91 @@
-"""The `rlhf-image` command line."""
+"""The `rlhf-image` command line: one subcommand per stage of the Ovis-Image recipe.
+
+    rlhf-image <command> --config <stage.yaml> [--field value ...]
+
+Each command parses its dataclasses (the stage's trainer config plus the recipe's argument groups, see
+`recipes/ovis_image/stages/args.py`) with `trl.TrlParser`: the YAML sets them by field name, command-line
+flags override the YAML, and an unknown key in either is an error. A `--config` name that is not a file is
+looked up among the packaged configs (`recipes/ovis_image/configs/`), so `--config tiny_sft.yaml` works from
+an installed package.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import os
 import sys
-from pathlib import Path
 
-from PIL import Image
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ovis_image", "configs")
+
+# command -> (module holding ARGUMENTS and run(), one-line description)
+COMMANDS = {
+    "fit-vae": ("recipes.ovis_image.stages.fit_vae", "fit the tiny VAE on text renders (CPU demo)"),
+    "pretrain": ("recipes.ovis_image.stages.pretrain", "stage 1: flow matching from a random MMDiT"),
+    "sft": ("recipes.ovis_image.stages.sft", "stage 2: flow matching from the pretrained model"),
+    "build-pairs": ("recipes.ovis_image.stages.build_pairs", "stage 3a: preference pairs scored by rewards"),
+    "dpo": ("recipes.ovis_image.stages.dpo", "stage 3b: Flow-DPO (+ Diffusion-SDPO) on the pairs"),
+    "grpo": ("recipes.ovis_image.stages.grpo", "stage 4: Flow-GRPO with OCR reward and KL to the DPO model"),
+    "sample": ("recipes.ovis_image.stages.sample", "prompts -> images from a checkpoint"),
+    "eval": ("recipes.ovis_image.stages.evaluation", "held-out text-rendering metrics and a sample grid"),
+    "demo": ("recipes.ovis_image.demo", "all stages of the tiny model on the CPU, and a report"),
+}
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Paste equally sized images into a grid, row by row."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+def usage() -> str:
+    lines = ["usage: rlhf-image <command> --config <stage.yaml> [--field value ...]", "", "commands:"]
+    lines += [f"  {name:<12} {description}" for name, (_, description) in COMMANDS.items()]
+    lines += ["", f"packaged configs: {CONFIG_DIR}", "help on a command's fields: rlhf-image <command> --help"]
+    return "\n".join(lines)
 
 
-def demo(args: argparse.Namespace) -> Path:
-    """Sample a grid of images from a randomly initialised tiny Ovis-Image model on the CPU."""
-    import torch
+def resolve_config(argv: list[str]) -> list[str]:
+    """`argv` with a `--config` name that is not a file replaced by the packaged config of that name."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config" and not os.path.isfile(argv[i + 1]):
+            packaged = os.path.join(CONFIG_DIR, os.path.basename(argv[i + 1]))
+            if not os.path.isfile(packaged):
+                raise FileNotFoundError(f"config {argv[i + 1]!r} not found (nor in {CONFIG_DIR})")
+            argv[i + 1] = packaged
+    return argv
 
-    from recipes.ovis_image.model import ovis_image_tiny
-    from rlhf_image.policy import FlowPolicy
-    from rlhf_image.sampling import generate
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    policy = FlowPolicy.from_pipeline(ovis_image_tiny(seed=args.seed), max_sequence_length=32)
-    prompts = [f'a poster that says "{word}"' for word in ("OVIS", "IMAGE", "RLHF", "2026")] * 2
-    trajectory = generate(policy, prompts, list(range(len(prompts))), height=args.size, width=args.size,
-                          num_steps=args.steps, sde_type="sde", guidance_scale=args.guidance_scale)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / "samples.png"
-    image_grid(trajectory.pil_images(), columns=4).save(path)
-    print(f"wrote {path} ({len(prompts)} samples, {args.steps} SDE steps, mean log-prob per step "
-          f"{trajectory.log_probs.mean().item():.3f})")
-    return path
+def parse_command(command: str, argv: list[str]):
+    """The module of `command` and its parsed dataclasses (YAML and flags; unknown keys raise `ValueError`)."""
+    from trl import TrlParser
+
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = TrlParser(module.ARGUMENTS, prog=f"rlhf-image {command}")
+    return module, parser.parse_args_and_config(resolve_config(argv))
+
+
+def run_command(command: str, argv: list[str]):
+    """Parse and run one command in this process; returns the stage's result. The demo calls stages this way,
+    so each of its stages runs exactly as the command line would run it."""
+    module, parsed = parse_command(command, argv)
+    return module.run(*parsed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf-image", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="sample a grid from a tiny Ovis-Image model on the CPU")
-    demo_parser.add_argument("--output-dir", default="outputs/demo")
-    demo_parser.add_argument("--size", type=int, default=64)
-    demo_parser.add_argument("--steps", type=int, default=10)
-    demo_parser.add_argument("--guidance-scale", type=float, default=3.0)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"rlhf-image: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # component loading; the Trainer's progress bars stay
+    try:
+        module, parsed = parse_command(command, rest)
+    except (ValueError, FileNotFoundError) as error:
+        # Unknown keys (YAML or flags) and invalid fields: the message names them and the fix.
+        print(f"rlhf-image {command}: error: {error}\n(see `rlhf-image {command} --help` for the fields)",
+              file=sys.stderr)
+        return 2
+    module.run(*parsed)
     return 0
 
 

@@ -1,14 +1,131 @@
-"""The command line, run as a user would."""
+"""The `rlhf-image` command line: parsing (YAML + flags, unknown keys rejected), the packaged configs, and the
+CPU demo end to end in quick mode."""
 
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
-from PIL import Image
+import pytest
+import yaml
+
+from recipes.cli import COMMANDS, CONFIG_DIR, main, parse_command
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
-def test_demo_writes_a_sample_grid(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "recipes.cli", "demo", "--output-dir", str(tmp_path),
-                             "--size", "32", "--steps", "3"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (4 * 32, 2 * 32)
+def test_usage_lists_every_command(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "sample", "eval", "demo"):
+        assert f"  {command} " in out
+    assert main(["distill"]) == 2
+    assert "unknown command 'distill'" in capsys.readouterr().err
+
+
+def test_unknown_yaml_key_is_rejected_with_its_name(tmp_path, capsys):
+    config = yaml.safe_load(open(os.path.join(CONFIG_DIR, "tiny_pretrain.yaml")))
+    config["learning_rat"] = 1e-5
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "--config", str(path), "--vae_path", ""]) == 2
+    err = capsys.readouterr().err
+    assert "rlhf-image pretrain: error" in err and "Unknown arguments from config file" in err
+    assert "learning_rat" in err
+
+
+def test_unknown_flag_is_rejected_with_its_name(capsys):
+    assert main(["grpo", "--config", "tiny_grpo.yaml", "--model", "tiny", "--betta", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "rlhf-image grpo: error" in err and "--betta" in err
+
+
+def test_invalid_value_names_the_field(capsys):
+    assert main(["pretrain", "--config", "tiny_pretrain.yaml", "--vae_path", "", "--dataset_format", "csvx"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset_format='csvx'" in err and "synthetic" in err
+    assert main(["sft", "--config", "tiny_sft.yaml", "--model", "outputs/no/such/stage"]) == 2
+    assert "run the previous stage first" in capsys.readouterr().err
+
+
+def test_flags_override_the_yaml_and_packaged_names_resolve():
+    _, (model, data, recipe, config) = parse_command(
+        "pretrain", ["--config", "tiny_pretrain.yaml", "--vae_path", "", "--learning_rate", "1e-5",
+                     "--tiny_axes_dims_rope", "4", "6", "6", "--tiny_hidden_size", "32", "--tiny_num_heads", "2"])
+    assert config.learning_rate == 1e-5  # the flag
+    assert config.max_steps == yaml.safe_load(open(os.path.join(CONFIG_DIR, "tiny_pretrain.yaml")))["max_steps"]
+    assert model.tiny_axes_dims_rope == [4, 6, 6] and data.synthetic_height == 48 and recipe.resume is None
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        parse_command("pretrain", ["--config", "no_such.yaml"])
+
+
+def test_bad_rope_split_fails_at_parse_time(capsys):
+    assert main(["pretrain", "--config", "tiny_pretrain.yaml", "--vae_path", "", "--tiny_hidden_size", "64"]) == 2
+    assert "tiny_axes_dims_rope" in capsys.readouterr().err
+
+
+def _command_of(path: str) -> str:
+    """The command named by a config's first line: `# rlhf-image <cmd> ...` or `# torchrun ... recipes.cli <cmd>`."""
+    first = open(path).readline()
+    words = first.split()
+    assert first.startswith("# ") and ("rlhf-image" in words or "recipes.cli" in words), first
+    command = words[words.index("rlhf-image" if "rlhf-image" in words else "recipes.cli") + 1]
+    assert f"recipes/ovis_image/configs/{os.path.basename(path)}" in first, "the launch command names its own file"
+    return command
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_packaged_config_launch_line_and_fields(path, tmp_path):
+    command = _command_of(path)
+    assert command in COMMANDS
+    config = yaml.safe_load(open(path))
+    # Parse it as the command would, with only the paths that must exist on disk (and bf16, a GPU setting)
+    # replaced: every key is a known field and every value passes validation.
+    overrides = []
+    if config.get("model") not in (None, "tiny", "7b"):
+        overrides += ["--model", "tiny"]
+    if config.get("vae_path") and config.get("model") in ("tiny", None):
+        overrides += ["--vae_path", ""]
+    if "pairs_path" in config:
+        (tmp_path / "manifest.jsonl").write_text("")
+        overrides += ["--pairs_path", str(tmp_path)]
+    if config.get("bf16"):
+        overrides += ["--bf16", "false", "--use_cpu", "true"]
+    if config.get("deepspeed"):
+        assert os.path.isfile(REPO / config["deepspeed"])
+        overrides += ["--deepspeed", str(REPO / config["deepspeed"])]
+    _, parsed = parse_command(command, ["--config", path, *overrides])
+    for key, value in config.items():
+        if key not in ("model", "vae_path", "pairs_path", "bf16", "deepspeed", "use_cpu"):
+            held = [vars(p)[key] for p in parsed if key in vars(p)]
+            assert held, f"{key} is not a field of {command}"
+
+
+def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "recipes.cli", "demo", "--config", "demo_quick.yaml",
+                             "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for stage in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "eval"):
+        assert f"=== rlhf-image {stage} " in result.stdout
+    for folder in ("vae", "pretrain", "sft", "pairs", "dpo", "grpo", "eval/pretrain", "eval/sft", "eval/dpo",
+                   "eval/grpo"):
+        assert (out / folder / "rlhf_stage.json").is_file(), folder
+    report = out / "report"
+    page = (report / "index.html").read_text()
+    assert "data:image/png;base64," in page and 'src="http' not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1]) == (report / "plots" / "ocr_by_stage.png").read_bytes()
+    markdown = (report / "README.md").read_text()
+    assert "| stage | steps | time (s) | exact cfg1 | NED cfg1 | exact cfg3 | NED cfg3 |" in markdown
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        assert re.search(rf"^\| {stage} \| 2 \|", markdown, re.MULTILINE), stage
+    for plot in ("vae_loss", "pretrain_loss", "sft_loss", "dpo_loss", "grpo_reward", "ocr_by_stage"):
+        assert (report / "plots" / f"{plot}.png").stat().st_size > 1000

@@ -1,0 +1,110 @@
+"""`rlhf-image demo` (what `make demo` runs): the tiny Ovis-Image model through the whole recipe on the CPU.
+
+    rlhf-image demo                                                      # the tiny configs as they are
+    rlhf-image demo --config recipes/ovis_image/configs/demo_quick.yaml  # a handful of steps per stage
+
+The demo is a sequence of stage commands, each run exactly as `rlhf-image <command> --config tiny_<stage>.yaml`
+would run it (same parser, same stage function), with the stage folders chained under `output_dir`:
+
+    fit-vae -> vae/        pretrain -> pretrain/   sft -> sft/   build-pairs -> pairs/   dpo -> dpo/   grpo -> grpo/
+
+After pretrain, sft, dpo and grpo, `rlhf-image eval` scores the model on held-out prompts (eval/<stage>/);
+then `recipes.ovis_image.report` writes report/ (HTML, markdown, plots). The sizes, steps and learning rates
+live in the tiny YAMLs; `<stage>_overrides` change them for one run (the budget knob; demo_quick.yaml uses
+it). A rerun reuses finished stages (`reuse_finished`) and resumes an interrupted training stage from its
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from recipes.cli import CONFIG_DIR, run_command
+
+from .report import EVALUATED, write_report
+from .stages.common import STAGE_RECORD
+
+# (command, folder under output_dir, tiny config) in pipeline order
+PIPELINE = (("fit-vae", "vae", "tiny_fit_vae.yaml"), ("pretrain", "pretrain", "tiny_pretrain.yaml"),
+            ("sft", "sft", "tiny_sft.yaml"), ("build-pairs", "pairs", "tiny_build_pairs.yaml"),
+            ("dpo", "dpo", "tiny_dpo.yaml"), ("grpo", "grpo", "tiny_grpo.yaml"))
+TRAINING = ("pretrain", "sft", "dpo", "grpo")
+
+
+@dataclass
+class DemoArguments:
+    """Settings of the demo run. Each `*_overrides` is a list of command-line tokens appended to that stage's
+    command (after its tiny config), e.g. `pretrain_overrides: [--max_steps, "200"]`."""
+
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Root folder of the stage folders and the report."})
+    config_dir: str = field(default=CONFIG_DIR, metadata={"help": "Where the tiny_*.yaml stage configs are."})
+    reuse_finished: bool = field(
+        default=True, metadata={"help": "Skip a stage whose folder already holds its finished record."})
+    fit_vae_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra fit-vae flags."})
+    pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra pretrain flags."})
+    sft_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra sft flags."})
+    build_pairs_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra build-pairs flags."})
+    dpo_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra dpo flags."})
+    grpo_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra grpo flags."})
+    eval_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra eval flags (every evaluation)."})
+    title: str = field(default="rlhf-image: the tiny Ovis-Image recipe on the CPU", metadata={"help": "Report title."})
+
+    def __post_init__(self):
+        missing = [name for _, _, name in PIPELINE + (("eval", "", "tiny_eval.yaml"),)
+                   if not os.path.isfile(os.path.join(self.config_dir, name))]
+        if missing:
+            raise ValueError(f"config_dir={self.config_dir!r} lacks {missing}; point it at recipes/ovis_image/configs")
+
+
+ARGUMENTS = (DemoArguments,)
+
+
+def _finished(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, STAGE_RECORD))
+
+
+def run(args: DemoArguments) -> dict[str, str]:
+    """Run the pipeline and write the report; returns the report's paths (see `write_report`)."""
+    root = args.output_dir
+    os.makedirs(root, exist_ok=True)
+    timings_path = os.path.join(root, "timings.json")
+    timings: dict[str, float] = {}
+    if os.path.isfile(timings_path):
+        with open(timings_path) as f:
+            timings = json.load(f)
+
+    def folder(name: str) -> str:
+        return os.path.join(root, name)
+
+    def config(name: str) -> list[str]:
+        return ["--config", os.path.join(args.config_dir, name)]
+
+    def timed(key: str, command: str, argv: list[str]) -> None:
+        if args.reuse_finished and _finished(folder(key)):
+            print(f"[rlhf-image demo] {key}: finished earlier in {folder(key)}; reused", flush=True)
+            return
+        start = time.perf_counter()
+        run_command(command, argv)
+        timings[key] = time.perf_counter() - start
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=1)
+
+    # What each stage starts from: the folder of the stage before it.
+    inputs = {"fit-vae": [], "pretrain": ["--vae_path", folder("vae")], "sft": ["--model", folder("pretrain")],
+              "build-pairs": ["--model", folder("sft")],
+              "dpo": ["--model", folder("sft"), "--pairs_path", folder("pairs")], "grpo": ["--model", folder("dpo")]}
+    overrides = {"fit-vae": args.fit_vae_overrides, "pretrain": args.pretrain_overrides, "sft": args.sft_overrides,
+                 "build-pairs": args.build_pairs_overrides, "dpo": args.dpo_overrides, "grpo": args.grpo_overrides}
+    for command, name, stage_config in PIPELINE:
+        resume = ["--resume", "latest"] if command in TRAINING else []
+        timed(name, command, config(stage_config) + inputs[command] + ["--output_dir", folder(name)] + resume
+              + overrides[command])
+        if name in EVALUATED:
+            timed(os.path.join("eval", name), "eval", config("tiny_eval.yaml")
+                  + ["--model", folder(name), "--output_dir", folder(os.path.join("eval", name))] + args.eval_overrides)
+    paths = write_report(root, timings, title=args.title)
+    print(f"[rlhf-image demo] report: {paths['html']} and {paths['markdown']}", flush=True)
+    return paths

@@ -1,0 +1,248 @@
+"""What every stage does the same way: load the model a stage starts from, save what it ends with, resume,
+print the launch banner, and record the stage in its output folder.
+
+Stage output folders chain the stages. A full-weights stage writes a complete diffusers pipeline folder
+(`transformer/` from the trainer's `save_model`, plus the frozen `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/` and `model_index.json`), which stock `OvisImagePipeline.from_pretrained` loads. A LoRA stage
+writes the adapter (`pytorch_lora_weights.safetensors`) and names its base folder in `rlhf_stage.json`;
+[`load_stage_output`] loads the base and fuses the adapter, so the next stage starts from the merged model.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, OvisImagePipeline
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.model_io import LORA_WEIGHT_NAME, load_lora
+from rlhf_image.policy import FlowPolicy
+
+from .args import ModelArguments, RecipeArguments
+
+logger = logging.getLogger(__name__)
+
+STAGE_RECORD = "rlhf_stage.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The frozen parts a full-weights stage writes beside the trainer's `transformer/` (the pipeline's components).
+FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class StageResult:
+    """What a stage returns (and records in `output_dir/rlhf_stage.json`).
+
+    Args:
+        stage (`str`): the subcommand name.
+        output_dir (`str`): where its results are.
+        record (`dict`): the stage record (log history, counts, settings); see [`write_stage_record`].
+    """
+
+    stage: str
+    output_dir: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def load_pipeline(args: ModelArguments) -> OvisImagePipeline:
+    """The Ovis-Image pipeline a stage starts from (see [`ModelArguments`]), in `args.torch_dtype`."""
+    dtype = DTYPES[args.torch_dtype]
+    if args.model == "tiny":
+        vae = _load_vae(args.vae_path, torch.float32) if args.vae_path else None
+        pipe = ovis_image_tiny(
+            hidden_size=args.tiny_hidden_size, num_heads=args.tiny_num_heads, num_layers=args.tiny_num_layers,
+            num_single_layers=args.tiny_num_single_layers, axes_dims_rope=tuple(args.tiny_axes_dims_rope),
+            latent_channels=vae.config.latent_channels if vae else args.tiny_latent_channels,
+            vae_block_out_channels=tuple(vae.config.block_out_channels if vae else args.tiny_vae_block_out_channels),
+            text_hidden_size=args.tiny_text_hidden_size, text_layers=args.tiny_text_layers,
+            vae_mid_block_attention=args.tiny_vae_mid_block_attention, tokenizer=ovis_prefix_tokenizer(),
+            seed=args.model_seed)
+        if vae is not None:
+            pipe = OvisImagePipeline(**{**pipe.components, "vae": vae})
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    if args.model == "7b":
+        return ovis_image_7b(args.hub_id, transformer="random" if args.transformer_init == "random" else None,
+                             text_encoder=args.text_encoder_path, vae=args.vae_path, torch_dtype=dtype)
+    pipe = load_stage_output(args.model, dtype)
+    if args.vae_path:
+        pipe = OvisImagePipeline(**{**pipe.components, "vae": _load_vae(args.vae_path, dtype)})
+    if args.transformer_init == "random":
+        torch.manual_seed(args.model_seed)
+        transformer = type(pipe.transformer).from_config(pipe.transformer.config).to(dtype)
+        pipe = OvisImagePipeline(**{**pipe.components, "transformer": transformer})
+    return pipe
+
+
+def _load_vae(path: str, dtype: torch.dtype) -> AutoencoderKL:
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype).eval()
+
+
+def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> OvisImagePipeline:
+    """A stage's output folder as a pipeline: a complete diffusers folder as it is, a LoRA folder as its base
+    (recursively) with the adapter fused into the transformer's weights."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return OvisImagePipeline.from_pretrained(path, torch_dtype=dtype)
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        base = read_stage_record(path).get("base_model")
+        if not base:
+            raise ValueError(f"{path} holds a LoRA adapter but its {STAGE_RECORD} names no base_model")
+        pipe = load_stage_output(base, dtype)
+        load_lora(pipe, path)
+        pipe.transformer.fuse_lora()
+        pipe.transformer.unload_lora()
+        return pipe
+    raise FileNotFoundError(f"{path} is not a stage output: it has neither model_index.json (full weights) nor "
+                            f"{LORA_WEIGHT_NAME} (LoRA); did the stage finish?")
+
+
+def build_policy(pipe: OvisImagePipeline, args: ModelArguments) -> FlowPolicy:
+    """The policy the trainers see; the model name is what model cards and stage records show."""
+    policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=args.max_sequence_length)
+    policy.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    return policy
+
+
+def lora_config(args: RecipeArguments):
+    """A peft `LoraConfig` for `lora_rank > 0`, else `None` (full fine-tuning)."""
+    if args.lora_rank == 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                      target_modules=list(args.lora_target_modules), init_lora_weights="gaussian")
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+def save_stage_output(trainer, pipe: OvisImagePipeline, output_dir: str) -> bool:
+    """Write the trained model through the trainer (`transformer/` or the LoRA file, and a model card) and,
+    for full weights, the frozen parts that make `output_dir` a complete pipeline folder. Every process
+    calls this (ZeRO-3 gathers the weights); only the main one writes. Returns whether it is LoRA."""
+    trainer.save_model(output_dir)
+    lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHT_NAME))
+    if trainer.args.should_save and not lora:
+        for name in FROZEN_PARTS:
+            pipe.components[name].save_pretrained(os.path.join(output_dir, name))
+        pipe.save_config(output_dir)  # model_index.json: the component classes
+    return lora
+
+
+def read_stage_record(output_dir: str) -> dict[str, Any]:
+    path = os.path.join(output_dir, STAGE_RECORD)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_stage_record(output_dir: str, record: dict[str, Any]) -> str:
+    """Write `rlhf_stage.json` (the stage, its input, counts, log history) atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, STAGE_RECORD)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, ensure_ascii=False, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# --- resuming ----------------------------------------------------------------------------------------
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from: `"latest"` is the newest `checkpoint-*` in `output_dir` (or `None`, with
+    a message, when there is none); a folder is taken as it is."""
+    if resume != "latest":
+        return resume
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        print(f"[rlhf-image] --resume latest: no checkpoint-* in {output_dir}; starting fresh", flush=True)
+    return last
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this process ran, so a record tells a resumed run from a restarted one."""
+
+    def __init__(self):
+        self.first_step: int | None = None
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def training_record(stage: str, trainer, model_args: ModelArguments, resumed_from: str | None, counter: StepCounter,
+                    lora: bool, **extra: Any) -> dict[str, Any]:
+    """The stage record of a training stage: input model, LoRA base, steps, resume, log history."""
+    return {"stage": stage, "model": model_args.model,
+            "base_model": os.path.abspath(model_args.model) if lora and os.path.isdir(model_args.model) else None,
+            "lora": lora, "global_step": trainer.state.global_step, "steps_this_run": counter.steps,
+            "resumed_from": resumed_from, **extra, "log_history": trainer.state.log_history}
+
+
+# --- the launch banner -------------------------------------------------------------------------------
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """`(total, trainable)` parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def describe_model(args: ModelArguments, transformer: torch.nn.Module) -> str:
+    total, trainable = count_parameters(transformer)
+    if args.model == "tiny":
+        name = (f"tiny Ovis-Image (MMDiT width {args.tiny_hidden_size}, {args.tiny_num_layers} double + "
+                f"{args.tiny_num_single_layers} single blocks)")
+    elif args.model == "7b":
+        name = f"Ovis-Image 7B ({args.hub_id}, transformer {args.transformer_init})"
+    else:
+        name = f"{args.model}" + (" (transformer re-initialised)" if args.transformer_init == "random" else "")
+    return f"{name}; transformer {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; {args.torch_dtype}"
+
+
+def print_banner(stage: str, sections: dict[str, Any]) -> None:
+    """Print the resolved configuration of a stage before it runs (rank 0 only under a launcher)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    width = max(len(key) for key in sections)
+    lines = [f"=== rlhf-image {stage} " + "=" * max(3, 60 - len(stage))]
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v.value if isinstance(v, enum.Enum) else v}" for k, v in value.items())
+        lines.append(f"  {key.ljust(width)} : {value}")
+    lines.append("=" * 78)
+    print("\n".join(lines), flush=True)
+
+
+def trainer_settings(config, *names: str) -> dict[str, Any]:
+    """The key hyper-parameters of a trainer config for the banner: the common ones and `names`."""
+    common = ("learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps",
+              "max_steps", "num_train_epochs", "bf16", "save_steps", "seed")
+    settings = {name: getattr(config, name) for name in (*common, *names)}
+    if config.max_steps > 0:
+        settings.pop("num_train_epochs")
+    if config.deepspeed:
+        settings["deepspeed"] = config.deepspeed
+    if config.activation_checkpointing or config.gradient_checkpointing:
+        settings["gradient_checkpointing"] = True
+    return settings
+
+
+def take_gradient_checkpointing(policy: FlowPolicy, config) -> None:
+    """Enable gradient checkpointing the diffusers way (`enable_gradient_checkpointing()` on the transformer)
+    when the config asks for it, and clear the config's flags, which would make the Trainer call the
+    transformers method name that diffusers models lack."""
+    if config.activation_checkpointing or config.gradient_checkpointing:
+        policy.transformer.enable_gradient_checkpointing()
+        config.activation_checkpointing = config.gradient_checkpointing = False
