@@ -2,21 +2,63 @@
 for bit (so it learns as that one does), with full fine-tuning and with LoRA."""
 
 import functools
+import hashlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy, tiny_config
 from peft import LoraConfig
+from transformers import TrainerCallback
 
+from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOTrainer
-from rollout import RayRolloutEngine
+from rlhf_image.policies import OvisImagePolicy
+from rollout import RayRolloutEngine, RolloutWorkerError
 from rollout.cluster import init_ray
 
 pytestmark = pytest.mark.ray
 
 COMPARED = ("loss", "grad_norm", "rewards/total/mean", "rewards/brightness/std", "advantages/std", "ratio/min",
             "ratio/max", "clip_frac")
+
+
+class DyingPolicy(OvisImagePolicy):
+    """`ovis_policy()` whose worker process SIGKILLs itself in every transformer call once `marker` exists."""
+
+    marker: str = ""
+
+    def predict_velocity(self, *args, **kwargs):
+        if os.path.exists(self.marker):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().predict_velocity(*args, **kwargs)
+
+
+def dying_policy(marker: str) -> DyingPolicy:
+    pipe = ovis_image_tiny(tokenizer=ovis_prefix_tokenizer(), seed=0)
+    policy = DyingPolicy(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.config,
+                         max_sequence_length=24)
+    policy.marker = marker
+    return policy
+
+
+class ArmAfterFirstSave(TrainerCallback):
+    """After checkpoint-1 is written: fingerprint its files, then make every rollout worker die from now on."""
+
+    def __init__(self, marker: str):
+        self.marker, self.fingerprint = marker, None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            Path(self.marker).touch()
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +114,19 @@ def test_lora_through_ray_is_the_in_process_run(ray_session, tmp_path):
         engine.close()
     assert_same_run(local, remote)
     assert logged(remote, "ratio/min")[0] == logged(remote, "ratio/max")[0] == 1.0
+
+
+def test_workers_dying_past_max_failures_stop_training_and_leave_the_last_checkpoint_intact(ray_session, tmp_path):
+    marker = str(tmp_path / "die")
+    callback = ArmAfterFirstSave(marker)
+    engine = RayRolloutEngine(functools.partial(dying_policy, marker), num_workers=1, num_cpus_per_worker=0.25,
+                              worker_threads=1, max_failures=1)
+    args = tiny_config(tmp_path / "run", max_steps=3, save_strategy="steps", save_steps=1)
+    trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), rollout_engine=engine,
+                          callbacks=[callback])
+    with pytest.raises(RolloutWorkerError, match="max_failures=1"):
+        trainer.train()
+    assert engine.num_failures == 2 and trainer.state.global_step == 1
+    checkpoints = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-1"]
+    assert callback.fingerprint and fingerprint(tmp_path / "run" / "checkpoint-1") == callback.fingerprint
