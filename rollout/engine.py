@@ -240,8 +240,9 @@ class RayRolloutEngine:
     def sync_weights(self, policy: FlowPolicy, version: int) -> None:
         """Send `policy`'s trainable weights (the adapter for LoRA) to every worker, tagged `version`.
 
-        With `max_staleness=0` this returns once every worker holds them; with 1 it returns once they are in
-        the object store (workers load them after the tasks already queued on them).
+        With `max_staleness=0` this returns once every worker holds them (a worker replaced meanwhile loads them
+        before its first task); with 1 it returns once they are in the object store (workers load them after
+        the tasks already queued on them).
         """
         self._check_open()
         new = self._syncs + 1

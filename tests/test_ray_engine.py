@@ -223,7 +223,7 @@ def test_one_worker_matches_and_one_step_off_policy_keeps_each_rollouts_version(
         engine.close()
 
 
-def test_lora_over_a_gloo_group_gives_ratio_one_and_rebuilds_the_group_after_a_kill(ray_session, markers):
+def test_lora_over_a_gloo_group_gives_ratio_one_and_recovers_from_kills(ray_session, markers):
     import ray
 
     engine = make_engine(markers, num_workers=2, weight_transport="collective")
@@ -242,8 +242,19 @@ def test_lora_over_a_gloo_group_gives_ratio_one_and_rebuilds_the_group_after_a_k
         engine.sync_weights(policy, 2)
         assert engine.num_failures == 1
         batch = engine.rollout(PROMPTS, SEEDS, COLUMNS, SPEC, WINDOW)
-        assert_same(batch, *reference(policy))
+        expected = reference(policy)
+        assert_same(batch, *expected)
         assert_ratio_one(policy, batch)
+
+        # dead mid-rollout: the replacement gets the synced adapter through the object store, then the group
+        # is rebuilt for the next broadcast
+        Path(markers["rollout"]).touch()
+        batch = engine.rollout(PROMPTS, SEEDS, COLUMNS, SPEC, WINDOW)
+        assert engine.num_failures == 2
+        assert_same(batch, *expected)
+        policy = trainer_policy(lora=True, perturb=6)
+        engine.sync_weights(policy, 3)
+        assert_same(engine.rollout(PROMPTS, SEEDS, COLUMNS, SPEC, WINDOW), *reference(policy))
     finally:
         engine.close()
 
