@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import safetensors.torch
+import torch
 from launch import REPO, run_processes
 
 from rlhf_image.fm_trainer import FlowMatchingTrainer
@@ -35,11 +36,18 @@ def result(folder):
 def reference(tmp_path_factory):
     """1 process, 2 accumulated micro-batches of 2: the same data and noise as 2 processes x 1 micro-batch."""
     out = tmp_path_factory.mktemp("reference")
-    trainer = FlowMatchingTrainer(make_policy(), args=make_config(str(out), gradient_accumulation_steps=2),
-                                  train_dataset=Squares(), eval_dataset=Squares())
-    trainer.train()
-    eval_loss = trainer.evaluate()["eval_loss"]
-    trainer.save_model(str(out / "final"))
+    # The launched ranks run one thread each (tests/launch.py); another thread count reorders float sums, and
+    # Adam turns those last-bit differences into visible weight differences on near-zero gradients.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = FlowMatchingTrainer(make_policy(), args=make_config(str(out), gradient_accumulation_steps=2),
+                                      train_dataset=Squares(), eval_dataset=Squares())
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+        trainer.save_model(str(out / "final"))
+    finally:
+        torch.set_num_threads(threads)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, eval_loss, safetensors.torch.load_file(str(out / WEIGHTS))
 
