@@ -137,10 +137,17 @@ class InProcessRolloutEngine:
             raise RuntimeError("call `bind` before `rollout`")
         timings = {}
         start = time.perf_counter()
+        # A group repeats its prompt num_generations times: encode each distinct prompt once.
+        distinct = list(dict.fromkeys(prompts))
+        cond = self.policy.encode_prompt(distinct).select([distinct.index(p) for p in prompts])
+        negative_cond = None
+        if spec.guidance_scale > 1:
+            negative_cond = self.policy.encode_prompt([self.policy.negative_prompt]).select([0] * len(prompts))
         trajectory = generate(
             self.policy, prompts, seeds, height=spec.height, width=spec.width, num_steps=spec.num_steps,
             sde_type=spec.sde_type, noise_level=spec.noise_level, window=window,
-            guidance_scale=spec.guidance_scale, micro_batch_size=spec.micro_batch_size, decode=True)
+            guidance_scale=spec.guidance_scale, micro_batch_size=spec.micro_batch_size, decode=True,
+            cond=cond, negative_cond=negative_cond)
         _synchronize(trajectory.final_latents.device)
         timings["rollout"] = time.perf_counter() - start
         start = time.perf_counter()
