@@ -521,8 +521,7 @@ class GRPOTrainer(Trainer):
             if os.path.isfile(path):
                 with open(path) as f:
                     self.counters.update(json.load(f)["counters"])
-        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        return result
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
