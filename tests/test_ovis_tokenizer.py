@@ -4,7 +4,8 @@ user prompt survives a short `max_sequence_length`."""
 import pytest
 import torch
 
-from recipes.ovis_image.model import OVIS_SYSTEM_PROMPT_PIECES, byte_level_tokenizer, ovis_image_tiny, ovis_prefix_tokenizer
+from recipes.ovis_image.model import (OVIS_SYSTEM_PROMPT_PIECES, TINY_TEXT_MAX_SEQUENCE_LENGTH, byte_level_tokenizer,
+                                      ovis_image_tiny, ovis_image_tiny_text, ovis_prefix_tokenizer)
 from rlhf_image.policy import FlowPolicy
 
 PROMPT = 'A sign that says "1234"'
@@ -67,3 +68,18 @@ def test_the_byte_tokenizer_loses_the_prompt_at_the_same_length(ovis_pipe):
     policy = FlowPolicy.from_pipeline(ovis_pipe, max_sequence_length=24)
     a, b = policy.encode_prompt([PROMPT, "something else"]).prompt_embeds
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_text_preset_has_the_measured_sizes_and_its_caption_fits():
+    pipe = ovis_image_tiny_text()
+    transformer, vae, encoder = pipe.transformer.config, pipe.vae.config, pipe.text_encoder.config
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == 1_443_376
+    assert (transformer.num_layers, transformer.num_single_layers) == (1, 2)
+    assert (transformer.num_attention_heads, transformer.attention_head_dim, transformer.in_channels) == (4, 32, 16)
+    assert tuple(vae.block_out_channels) == (8, 16) and vae.latent_channels == 4 and not vae.mid_block_add_attention
+    assert (encoder.hidden_size, encoder.num_hidden_layers) == (32, 2)
+    policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=TINY_TEXT_MAX_SEQUENCE_LENGTH)
+    assert policy.image_seq_len(32, 96) == 192
+    message = pipe._get_messages([PROMPT])[0]
+    ids = pipe.tokenizer(message, add_special_tokens=False).input_ids
+    assert pipe.tokenizer.decode(ids[28:28 + TINY_TEXT_MAX_SEQUENCE_LENGTH]) == PROMPT + "<|im_end|>"

@@ -122,6 +122,29 @@ def ovis_image_tiny(
                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
+# Text tokens of the demo model: its captions are 'A sign that says "<target>"' (19 + len(target) tokens with
+# `ovis_prefix_tokenizer`), so 24 holds a 4-digit target and `<|im_end|>`; raise it for longer targets.
+TINY_TEXT_MAX_SEQUENCE_LENGTH = 24
+
+
+def ovis_image_tiny_text(seed: int = 0) -> OvisImagePipeline:
+    """The CPU demo's text-rendering model (1.44M-parameter MMDiT), sized by measurement on 2 cores: on
+    32x96 renders of 4-digit numbers it reaches legible-but-imperfect output in a few hundred steps
+    (see the issue-7 report). Same classes as the 7B model:
+
+    - `OvisImageTransformer2DModel`: 1 double-stream + 2 single-stream blocks, 4 heads of 32 (hidden 128),
+      RoPE axes (4, 14, 14); 2x2-packed 4-channel latents (16 input channels).
+    - `AutoencoderKL`: 2 blocks of 8 and 16 channels (2x downsampling: 32x96 pixels -> 16x48 latents ->
+      192 tokens), 4 latent channels, no mid-block attention. Random: fit it with
+      `recipes.ovis_image.tiny_vae.fit_tiny_vae` on the training renders before use.
+    - `Qwen3Model` text encoder: 2 layers of width 32, frozen at its random initialisation (as the real
+      encoder is frozen); [`ovis_prefix_tokenizer`]. Use `max_sequence_length=TINY_TEXT_MAX_SEQUENCE_LENGTH`.
+    """
+    return ovis_image_tiny(hidden_size=128, num_heads=4, num_layers=1, num_single_layers=2, axes_dims_rope=(4, 14, 14),
+                           latent_channels=4, vae_block_out_channels=(8, 16), text_hidden_size=32, text_layers=2,
+                           vae_mid_block_attention=False, tokenizer=ovis_prefix_tokenizer(), seed=seed)
+
+
 def ovis_image_7b_transformer(path: str | None = None, torch_dtype: torch.dtype = torch.bfloat16,
                               device: str | torch.device | None = None) -> OvisImageTransformer2DModel:
     """The 7.37B Ovis-Image MMDiT: randomly initialised with the report's architecture (pretraining, or
