@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from recipes.cli import COMMANDS, CONFIG_DIR, main, parse_command
+from recipes.ovis_image.stages.args import RewardArguments
+from recipes.ovis_image.stages.inputs import build_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -68,6 +70,27 @@ def test_flags_override_the_yaml_and_packaged_names_resolve():
 def test_bad_rope_split_fails_at_parse_time(capsys):
     assert main(["pretrain", "--config", "tiny_pretrain.yaml", "--vae_path", "", "--tiny_hidden_size", "64"]) == 2
     assert "tiny_axes_dims_rope" in capsys.readouterr().err
+
+
+def constant_reward(prompts, images, **columns):
+    return [0.5] * len(prompts)
+
+
+class CountingReward:
+    name = "counting"
+
+    def __call__(self, prompts, images, **columns):
+        return [float(len(p)) for p in prompts]
+
+
+def test_rewards_by_recipe_name_or_import_path():
+    funcs = build_rewards(RewardArguments(reward_funcs=["test_cli:constant_reward", "test_cli:CountingReward"]))
+    assert funcs[0] is constant_reward  # a function as it is
+    assert isinstance(funcs[1], CountingReward) and funcs[1](["ab", "abc"], [None, None]) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="neither one of"):
+        build_rewards(RewardArguments(reward_funcs=["hpsv3"]))
+    with pytest.raises(ValueError, match="aesthetic_mlp"):
+        RewardArguments(reward_funcs=["aesthetic"])
 
 
 def _command_of(path: str) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from recipes.cli import main
 from recipes.ovis_image.data import TextRenderingDataset, split_of
+from recipes.ovis_image.stages.common import load_stage_output
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.preference_data import read_jsonl
 from rlhf_image.sampling import generate
@@ -52,14 +53,18 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(root) -> Path:
-    """8 rendered numbers (manifest with image, caption, target_text), one of them unreadable."""
-    TextRenderingDataset(8, image_size=(SIZE, SIZE)).write(str(root / "data"))
+    """8 rendered numbers, one of them unreadable: a JSONL manifest (image, caption, target_text), and the same
+    images with same-stem .txt captions (the folder format)."""
+    path = TextRenderingDataset(8, image_size=(SIZE, SIZE)).write(str(root / "data"))
+    for row in read_jsonl(path):
+        (root / "data" / row["image"]).with_suffix(".txt").write_text(row["caption"])
     corrupt(root / "data" / "images" / "000003.png")
-    return root / "data" / "manifest.jsonl"
+    return Path(path)
 
 
-def image_data(manifest: Path) -> list[str]:
-    return ["--dataset_format", "manifest", "--dataset_path", str(manifest), "--resolution", str(SIZE),
+def image_data(manifest: Path, dataset_format: str = "manifest") -> list[str]:
+    path = manifest if dataset_format == "manifest" else manifest.parent / "images"
+    return ["--dataset_format", dataset_format, "--dataset_path", str(path), "--resolution", str(SIZE),
             "--per_device_train_batch_size", "4"]
 
 
@@ -107,13 +112,13 @@ def test_pretrain_resume_latest_continues_from_the_newest_checkpoint(root, pretr
 
 def test_sft_from_pretrain_counts_unreadable_and_resumes(root, pretrain, manifest):
     out = root / "sft"
-    result = cli("sft", "--config", "tiny_sft.yaml", "--model", str(pretrain[0]), *image_data(manifest), *STEPS,
-                 "--output_dir", str(out), "--resume", "latest")
+    result = cli("sft", "--config", "tiny_sft.yaml", "--model", str(pretrain[0]), *image_data(manifest, "folder"),
+                 *STEPS, "--output_dir", str(out), "--resume", "latest")
     assert "no checkpoint-* in" in result.stdout and "starting fresh" in result.stdout
-    assert "=== rlhf-image sft" in result.stdout
+    assert "=== rlhf-image sft" in result.stdout and "folder" in result.stdout
     rec = record(out)
     assert rec["model"] == str(pretrain[0]) and rec["global_step"] == 2 and rec["skipped_images"] == 1
-    assert main(["sft", "--config", "tiny_sft.yaml", "--model", str(pretrain[0]), *image_data(manifest),
+    assert main(["sft", "--config", "tiny_sft.yaml", "--model", str(pretrain[0]), *image_data(manifest, "folder"),
                  "--max_steps", "3", "--save_steps", "1", "--output_dir", str(out), "--resume", "latest"]) == 0
     rec = record(out)
     assert rec["global_step"] == 3 and rec["steps_this_run"] == 1 and rec["resumed_from"].endswith("checkpoint-2")
@@ -159,6 +164,27 @@ def test_dpo_skips_unreadable_pairs_and_resumes(root, pretrain, pairs):
     assert main(["dpo", *args, "--max_steps", "3", "--save_steps", "1", "--resume", "latest"]) == 0
     rec = record(out)
     assert rec["global_step"] == 3 and rec["steps_this_run"] == 1 and rec["resumed_from"].endswith("checkpoint-2")
+
+
+def test_a_lora_stage_hands_the_next_stage_its_fused_model(root, pretrain, pairs):
+    out = root / "dpo_lora"
+    assert main(["dpo", "--config", "tiny_dpo.yaml", "--model", str(pretrain[0]), "--pairs_path", str(pairs[0]),
+                 "--resolution", str(SIZE), "--per_device_train_batch_size", "2", "--max_steps", "1",
+                 "--learning_rate", "1e-2", "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(out)]) == 0
+    rec = record(out)
+    assert rec["lora"] and rec["base_model"] == str(pretrain[0])
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "model_index.json").exists()
+    # Independent: W + (alpha / r) B A from the saved adapter over the base weights.
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "pytorch_lora_weights.safetensors")
+    base = OvisImagePipeline.from_pretrained(pretrain[0]).transformer
+    fused = load_stage_output(str(out)).transformer
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    delta = 2.0 * adapter[f"{key}.lora_B.weight"] @ adapter[f"{key}.lora_A.weight"]
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(fused.transformer_blocks[0].attn.to_q.weight,
+                               base.transformer_blocks[0].attn.to_q.weight + delta)
 
 
 def test_grpo_with_ocr_reward_resumes(root, pretrain):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from rlhf_image import build_preference_pairs
 
 from .args import DataArguments, ModelArguments, RewardArguments
-from .common import StageResult, build_policy, describe_model, load_pipeline, print_banner, write_stage_record
+from .common import StageResult, describe_model, inference_policy, print_banner, write_stage_record
 from .inputs import PoolRows, build_rewards, describe_data, image_text_dataset
 
 
@@ -46,7 +46,7 @@ class BuildPairsRecipe:
         self.model_args, self.data_args, self.reward_args, self.args = model_args, data_args, reward_args, args
 
     def setup(self) -> None:
-        self.policy = build_policy(load_pipeline(self.model_args), self.model_args)
+        self.policy = inference_policy(self.model_args)
         self.pool = PoolRows(image_text_dataset(self.data_args))
         self.rewards = build_rewards(self.reward_args)
         args = self.args

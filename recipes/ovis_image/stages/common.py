@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
-from rlhf_image.model_io import LORA_WEIGHT_NAME, load_lora
+from rlhf_image.model_io import is_lora, load_lora
 from rlhf_image.policy import FlowPolicy
 
 from .args import ModelArguments, RecipeArguments
@@ -90,19 +90,19 @@ def _load_vae(path: str, dtype: torch.dtype) -> AutoencoderKL:
 def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> OvisImagePipeline:
     """A stage's output folder as a pipeline: a complete diffusers folder as it is, a LoRA folder as its base
     (recursively) with the adapter fused into the transformer's weights."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return OvisImagePipeline.from_pretrained(path, torch_dtype=dtype)
-    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
-        base = read_stage_record(path).get("base_model")
-        if not base:
+    record = read_stage_record(path)
+    if record.get("lora"):
+        if not record.get("base_model"):
             raise ValueError(f"{path} holds a LoRA adapter but its {STAGE_RECORD} names no base_model")
-        pipe = load_stage_output(base, dtype)
+        pipe = load_stage_output(record["base_model"], dtype)
         load_lora(pipe, path)
         pipe.transformer.fuse_lora()
         pipe.transformer.unload_lora()
         return pipe
-    raise FileNotFoundError(f"{path} is not a stage output: it has neither model_index.json (full weights) nor "
-                            f"{LORA_WEIGHT_NAME} (LoRA); did the stage finish?")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return OvisImagePipeline.from_pretrained(path, torch_dtype=dtype)
+    raise FileNotFoundError(f"{path} is not a stage output: it has neither model_index.json (full weights) nor a "
+                            f"{STAGE_RECORD} of a LoRA stage; did the stage finish?")
 
 
 def build_policy(pipe: OvisImagePipeline, args: ModelArguments) -> FlowPolicy:
@@ -110,6 +110,13 @@ def build_policy(pipe: OvisImagePipeline, args: ModelArguments) -> FlowPolicy:
     policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=args.max_sequence_length)
     policy.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     return policy
+
+
+def inference_policy(args: ModelArguments) -> FlowPolicy:
+    """The policy of a stage that only samples (build-pairs, eval, sample), on the GPU when there is one (the
+    training stages leave placement to their Trainer)."""
+    policy = build_policy(load_pipeline(args), args)
+    return policy.to(device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def lora_config(args: RecipeArguments):
@@ -129,7 +136,7 @@ def save_stage_output(trainer, pipe: OvisImagePipeline, output_dir: str) -> bool
     for full weights, the frozen parts that make `output_dir` a complete pipeline folder. Every process
     calls this (ZeRO-3 gathers the weights); only the main one writes. Returns whether it is LoRA."""
     trainer.save_model(output_dir)
-    lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHT_NAME))
+    lora = is_lora(trainer.model)
     if trainer.args.should_save and not lora:
         for name in FROZEN_PARTS:
             pipe.components[name].save_pretrained(os.path.join(output_dir, name))

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, replace
 from recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts
 
 from .args import DataArguments, ModelArguments, RewardArguments
-from .common import (StageResult, build_policy, describe_model, load_pipeline, print_banner, read_stage_record,
-                     write_stage_record)
+from .common import StageResult, describe_model, inference_policy, print_banner, read_stage_record, write_stage_record
 from .inputs import RECIPE_REWARDS, build_rewards, describe_data
 
 
@@ -53,7 +52,7 @@ class EvalRecipe:
         self.model_args, self.data_args, self.reward_args, self.args = model_args, data_args, reward_args, args
 
     def setup(self) -> None:
-        self.policy = build_policy(load_pipeline(self.model_args), self.model_args)
+        self.policy = inference_policy(self.model_args)
         data = self.data_args
         self.prompts, self.targets = held_out_prompts(
             self.args.num_prompts, vocabulary=data.synthetic_vocabulary, min_length=data.synthetic_min_length,

@@ -35,7 +35,6 @@ class FitVAEArguments:
     vae_batch_size: int = field(default=32, metadata={"help": "Images per step."})
     vae_learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay)."})
     vae_kl_weight: float = field(default=1e-3, metadata={"help": "Weight of the KL to the unit Gaussian."})
-    vae_max_seconds: float | None = field(default=None, metadata={"help": "Stop early after this wall time."})
     seed: int = field(default=0, metadata={"help": "Seed of the batch draws and posterior samples."})
 
     def __post_init__(self):
@@ -77,8 +76,7 @@ class FitVAERecipe:
     def train(self) -> None:
         args = self.args
         self.result = fit_tiny_vae(self.vae, self.images, num_steps=args.vae_num_steps, batch_size=args.vae_batch_size,
-                                   learning_rate=args.vae_learning_rate, kl_weight=args.vae_kl_weight,
-                                   max_seconds=args.vae_max_seconds, seed=args.seed)
+                                   learning_rate=args.vae_learning_rate, kl_weight=args.vae_kl_weight, seed=args.seed)
 
     def cleanup(self) -> StageResult:
         output_dir, result = self.args.output_dir, self.result
@@ -90,6 +88,7 @@ class FitVAERecipe:
         image_grid(tensor_to_pil(torch.cat([originals, rebuilt])), columns=len(originals)).save(
             os.path.join(output_dir, "reconstructions.png"))
         record = {"stage": self.stage, "global_step": result.num_steps, "seconds": result.seconds,
+                  "cpu_seconds": result.cpu_seconds,
                   "recon_l1": result.recon_l1, "shift_factor": result.shift_factor,
                   "scaling_factor": result.scaling_factor,
                   "log_history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(result.losses)]}

@@ -15,7 +15,7 @@ from rlhf_image.metrics import image_grid
 from rlhf_image.sampling import generate
 
 from .args import ModelArguments
-from .common import StageResult, build_policy, describe_model, load_pipeline, print_banner
+from .common import StageResult, describe_model, inference_policy, print_banner
 from .inputs import read_prompts
 
 
@@ -41,7 +41,7 @@ ARGUMENTS = (ModelArguments, SampleArguments)
 
 def run(model_args: ModelArguments, args: SampleArguments) -> StageResult:
     prompts = read_prompts(args.prompts, args.prompts_file)
-    policy = build_policy(load_pipeline(model_args), model_args)
+    policy = inference_policy(model_args)
     print_banner("sample", {"model": describe_model(model_args, policy.transformer),
                             "sampling": {"prompts": len(prompts), "size": f"{args.height}x{args.width}",
                                          "steps": args.num_inference_steps, "sampler": args.sde_type,
