@@ -1,22 +1,17 @@
-"""GRPO under DeepSpeed ZeRO-2 with two processes on the CPU (torchrun): each process samples its own groups,
-the on-policy ratio stays exactly 1, gradients are synchronised (identical adapters on both ranks), and the
-saved LoRA is the diffusers format."""
+"""GRPO under DeepSpeed ZeRO-2 with two processes on the CPU (torchrun's environment with a file rendezvous,
+tests/launch.py): each process samples its own groups, the on-policy ratio stays exactly 1, gradients are
+synchronised (identical adapters on both ranks), and the saved LoRA is the diffusers format."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from launch import REPO, run_processes
 
 SCRIPT = r'''
 import hashlib, json, sys
 sys.path.insert(0, sys.argv[2]); sys.path.insert(0, sys.argv[2] + "/tests")
-import torch
+from launch import init_process_group_from_env
+init_process_group_from_env()
 from peft import LoraConfig
 from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy, tiny_config
 from rlhf_image import GRPOTrainer
@@ -40,23 +35,13 @@ DS_CONFIG = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "
              "zero_allow_untested_optimizer": True, "steps_per_print": 1000000}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_zero2(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(DS_CONFIG))
     (tmp_path / "run.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                             str(tmp_path / "run.py"), str(tmp_path), str(ROOT)],
-                            capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    results = run_processes(str(tmp_path / "run.py"), [str(tmp_path), REPO], nprocs=2, timeout=900)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # ZeRO-2 kept the replicas in sync
     for rank in ranks:
