@@ -119,8 +119,8 @@ def throughput(args, reward, label):
             out, seconds, tail = timed_rollouts(engine, batch, spec, args.repeats)
         finally:
             engine.close()
-        label = f"Ray, {workers} worker{'s' * (workers > 1)}" + (" + reward worker" if reward_workers else "")
-        rows.append((label, seconds, tail, same_as_reference(out)))
+        row = f"Ray, {workers} worker{'s' * (workers > 1)}" + (" + reward worker" if reward_workers else "")
+        rows.append((row, seconds, tail, same_as_reference(out)))
     n = len(prompts)
     print(f"\n{label}: {n} images of {args.resolution}x{args.resolution}, {args.steps} SDE steps, micro-batch "
           f"{args.micro_batch}, groups of {args.group}; median of {args.repeats}")
@@ -128,8 +128,8 @@ def throughput(args, reward, label):
     print(f"{'engine':<32} {'s/batch':>8} {'images/s':>9} {'vs in-proc 1t':>14} {'reward not hidden s':>20} "
           f"{'bit-identical':>14}")
     base = rows[0][1]
-    for label, seconds, tail, same in rows:
-        print(f"{label:<32} {seconds:>8.3f} {n / seconds:>9.2f} {base / seconds:>13.2f}x {tail:>20.3f} {same:>14}")
+    for row, seconds, tail, same in rows:
+        print(f"{row:<32} {seconds:>8.3f} {n / seconds:>9.2f} {base / seconds:>13.2f}x {tail:>20.3f} {same:>14}")
 
 
 def sync_times(hidden_sizes, args):

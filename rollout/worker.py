@@ -18,7 +18,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from rlhf_image.policy import FlowPolicy
+from rlhf_image.policy import Conditioning, FlowPolicy
 from rlhf_image.sampling import Trajectory, generate
 
 from .collective import WeightGroup
@@ -72,9 +72,7 @@ def trajectory_to(trajectory: Trajectory, device: torch.device | str) -> Traject
     values = {}
     for f in fields(trajectory):
         value = getattr(trajectory, f.name)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device)
-        elif f.name in ("cond", "negative_cond") and value is not None:
+        if isinstance(value, (torch.Tensor, Conditioning)):
             value = value.to(device)
         values[f.name] = value
     return Trajectory(**values)

@@ -99,8 +99,10 @@ def test_full_fine_tuning_through_ray_is_the_in_process_run_and_learns(ray_sessi
     finally:
         engine.close()
     assert_same_run(local, remote)
-    rewards = logged(remote, "rewards/total/mean")
-    assert len(rewards) == 8 and sum(rewards[-2:]) / 2 > rewards[0] + 0.02  # brightness climbs (0.471 -> 0.527)
+    # The learning criterion of the in-process GRPO learning test (Ovis, full, SDE: margin 0.02), here reached
+    # in 8 steps (0.471 -> 0.527) rather than 16.
+    rewards = logged(remote, "rewards/brightness/mean")
+    assert len(rewards) == 8 and sum(rewards[-2:]) / 2 - rewards[0] > 0.02
 
 
 def test_lora_through_ray_is_the_in_process_run(ray_session, tmp_path):
