@@ -100,8 +100,9 @@ def throughput(args, reward, label):
     def same_as_reference(out) -> str:
         if reference is None:
             return "reference"
-        return str(all(torch.equal(getattr(out.trajectory, n), getattr(reference.trajectory, n))
-                       for n in ("latents", "log_probs", "images")) and torch.equal(out.per_reward, reference.per_reward))
+        same = all(torch.equal(getattr(out.trajectory, n), getattr(reference.trajectory, n))
+                   for n in ("latents", "log_probs", "images"))
+        return str(same and torch.equal(out.per_reward, reference.per_reward))
 
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -226,7 +226,10 @@ class RayRolloutEngine:
             self._reward_set = RewardSet(list(reward_funcs))
             names = list(self._reward_set.names)
         else:
-            funcs, build = (self.reward_recipes, True) if self.reward_recipes is not None else (list(reward_funcs), False)
+            if self.reward_recipes is not None:
+                funcs, build = self.reward_recipes, True
+            else:
+                funcs, build = list(reward_funcs), False
             self._reward_cls = ray.remote(RewardWorker).options(
                 num_cpus=self.num_cpus_per_reward_worker, max_restarts=0, max_task_retries=0)
             self._reward_args = (funcs, build, self.worker_threads)
@@ -399,7 +402,8 @@ class RayRolloutEngine:
         end = time.perf_counter()
         timings = {"rollout": rollout.sampled_at - rollout.submitted, "reward": end - rollout.sampled_at,
                    "weight_sync": self.last_sync_seconds}
-        return RolloutBatch(trajectory, per_reward, list(self.reward_names), self._tags[rollout.handle.version], timings)
+        version = self._tags[rollout.handle.version]
+        return RolloutBatch(trajectory, per_reward, list(self.reward_names), version, timings)
 
     # weights
     def _put_snapshot(self, state: dict[str, torch.Tensor], plan: ChunkPlan, peft_config: Any) -> _Snapshot:
@@ -421,7 +425,8 @@ class RayRolloutEngine:
             if version != self._syncs:
                 raise RuntimeError(f"weights version {version} is no longer available")
             state, lora = trainable_state(self._policy.transformer)
-            peft_config = self._policy.transformer.peft_config[self._policy.transformer.active_adapter] if lora else None
+            transformer = self._policy.transformer
+            peft_config = transformer.peft_config[transformer.active_adapter] if lora else None
             self._snapshots[version] = self._put_snapshot(state, plan_chunks(state, self.max_chunk_bytes, lora),
                                                           peft_config)
         return self._snapshots[version]
@@ -434,7 +439,8 @@ class RayRolloutEngine:
             del self._snapshots[version]
 
     def _wait_loads(self) -> None:
-        """Wait for the loads queued by the last sync; a worker that died meanwhile is replaced and loaded."""
+        """Wait for the loads queued by the last sync; a worker that died meanwhile is replaced (its successor
+        loads the weights before its first task)."""
         import ray
 
         for slot, (ref, generation) in zip(self.workers, self._load_refs):

@@ -179,7 +179,9 @@ class StateAssembler:
             if seg.start == 0 and seg.stop == spec.nbytes:
                 done.append((spec.name, piece.view(spec.dtype).view(spec.shape)))
                 continue
-            buffer = self.partial.setdefault(seg.tensor, torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device))
+            if seg.tensor not in self.partial:
+                self.partial[seg.tensor] = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
+            buffer = self.partial[seg.tensor]
             buffer[seg.start:seg.stop].copy_(piece)
             if seg.stop == spec.nbytes:  # segments of one tensor arrive in byte order
                 done.append((spec.name, self.partial.pop(seg.tensor).view(spec.dtype).view(spec.shape)))

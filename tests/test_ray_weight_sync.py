@@ -6,7 +6,8 @@ from peft import LoraConfig, get_peft_model
 
 from rlhf_image.policy import FlowPolicy
 from rollout.engine import split_by_group
-from rollout.weight_sync import StateAssembler, StateLoader, ensure_adapter, iter_chunks, pack_chunk, plan_chunks, trainable_state
+from rollout.weight_sync import (StateAssembler, StateLoader, ensure_adapter, iter_chunks, pack_chunk, plan_chunks,
+                                 trainable_state)
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_ovis_pipeline
 
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=True)
