@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import numbers
+import warnings
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -68,7 +69,11 @@ def validate_output(name: str, values: Any, n: int) -> list[float | None]:
 
     Raises:
         `TypeError`: not a sequence, or an entry that is neither a real number nor `None`.
-        `ValueError`: wrong length, or a NaN / inf entry (the message names the reward and the index).
+        `ValueError`: wrong length, or an inf entry (the message names the reward and the index).
+
+    A NaN entry means the reward could not score that sample: it becomes `None` (unscored, never summed; a
+    trainer gives it advantage 0 and counts it) and is reported with a `RuntimeWarning` naming the reward and
+    the index.
     """
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
         values = values.tolist()  # numpy arrays (and tensors) become plain lists
@@ -84,7 +89,12 @@ def validate_output(name: str, values: Any, n: int) -> list[float | None]:
         if not isinstance(v, numbers.Real):
             raise TypeError(f"reward {name!r} returned {type(v).__name__} at index {i}, expected float or None")
         f = float(v)
-        if not math.isfinite(f):
+        if math.isnan(f):
+            warnings.warn(f"reward {name!r} returned nan at index {i}; treating the sample as unscored (None)",
+                          RuntimeWarning, stacklevel=3)
+            out.append(None)
+            continue
+        if math.isinf(f):
             raise ValueError(f"reward {name!r} returned {f} at index {i}; return None for an unscored sample")
         out.append(f)
     return out

@@ -86,11 +86,12 @@ def test_advantage_options(tmp_path, scale, mode):
     np.testing.assert_allclose([row["advantage"] for row in table], expected, atol=2e-4 if scale == "batch" else 1e-7)
 
 
-def test_unscored_samples_get_zero_advantage_and_are_counted(tmp_path):
+@pytest.mark.parametrize("unscored", [None, math.nan])
+def test_unscored_samples_get_zero_advantage_and_are_counted(tmp_path, unscored):
     def picky(prompts, images, **columns):
-        # Cannot score the 2nd and 3rd image of each group of 4.
+        # Cannot score the 2nd and 3rd image of each group of 4 (None, or NaN: both mean unscored).
         values = brightness(prompts, images)
-        return [None if i % 4 in (1, 2) else v for i, v in enumerate(values)]
+        return [unscored if i % 4 in (1, 2) else v for i, v in enumerate(values)]
 
     args = tiny_config(tmp_path, max_steps=2, log_samples_steps=1, num_log_samples=8, advantage_clip=None)
     trainer = GRPOTrainer(ovis_policy(), picky, args=args, train_dataset=dataset())

@@ -87,9 +87,16 @@ def test_output_conversion_and_none():
     assert call_reward(lambda p, i, **c: np.array([1.0, 2.0, 3.0]), PROMPTS, IMAGES) == [1.0, 2.0, 3.0]
 
 
+def test_nan_is_an_unscored_sample_reported_with_reward_and_index():
+    def sometimes(prompts, images, **columns):
+        return [1.0, math.nan, 0.0]
+
+    with pytest.warns(RuntimeWarning, match="'sometimes' returned nan at index 1"):
+        assert call_reward(sometimes, PROMPTS, IMAGES) == [1.0, None, 0.0]
+
+
 @pytest.mark.parametrize("bad, message", [
     ([1.0, 2.0], "returned 2 values for 3 samples"),
-    ([1.0, math.nan, 0.0], "nan at index 1"),
     ([1.0, 0.0, math.inf], "inf at index 2"),
 ])
 def test_invalid_values_name_reward_and_index(bad, message):

@@ -87,7 +87,6 @@ def test_aggregate_rejects_bad_input():
 
 @pytest.mark.parametrize("values, message", [
     ([1.0, 2.0], "'faulty' returned 2 values for 4 samples"),
-    ([1.0, 2.0, math.nan, 0.0], "'faulty' returned nan at index 2"),
     ([math.inf, 2.0, 1.0, 0.0], "'faulty' returned inf at index 0"),
 ])
 def test_errors_name_reward_and_index(values, message):
@@ -96,6 +95,16 @@ def test_errors_name_reward_and_index(values, message):
 
     with pytest.raises(ValueError, match=message):
         RewardSet([reward_a, faulty])(PROMPTS, IMAGES)
+
+
+def test_nan_reward_makes_the_sample_unscored_not_summed():
+    def flaky(prompts, images, **columns):
+        return [1.0, 2.0, math.nan, 0.0]
+
+    with pytest.warns(RuntimeWarning, match="'flaky' returned nan at index 2"):
+        result = RewardSet([reward_a, flaky])(PROMPTS, IMAGES)
+    assert np.isnan(result.per_reward[2, 1]) and np.isnan(result.total[2])
+    assert np.isfinite(np.delete(result.total, 2)).all()
 
 
 def test_async_rewards_run_concurrently():
