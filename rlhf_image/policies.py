@@ -86,6 +86,8 @@ class FluxPolicy(FlowPolicy):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.max_sequence_length = max_sequence_length
         self.distilled_guidance_scale = distilled_guidance_scale
+        # Read once here: under DDP the trainer may hold a wrapper that has no `.config`.
+        self.guidance_embeds = bool(transformer.config.guidance_embeds)
         super().__init__(transformer, vae, scheduler_config, negative_prompt)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -103,7 +105,7 @@ class FluxPolicy(FlowPolicy):
 
     def _transformer_forward(self, tokens, sigma, cond, height, width):
         guidance = None
-        if self.transformer.config.guidance_embeds:
+        if self.guidance_embeds:
             guidance = torch.full((tokens.shape[0],), self.distilled_guidance_scale, device=tokens.device,
                                   dtype=torch.float32)
         return self.transformer(

@@ -34,10 +34,11 @@ def test_different_seeds_give_different_samples(policy):
     assert not torch.equal(out.final_latents[0], out.final_latents[1])
 
 
-@pytest.mark.parametrize("sde_type", ["sde", "cps"])
-def test_recomputed_log_probs_equal_recorded_ones(policy, sde_type):
-    traj = generate(policy, PROMPTS[:4], [0, 1, 2, 3], **KW, sde_type=sde_type, guidance_scale=3.0)
-    assert traj.log_probs.shape == (4, 6) and traj.latents.shape == (4, 7, 4, 16, 16)
+@pytest.mark.parametrize("sde_type,window", [("sde", None), ("cps", None), ("sde", (1, 3)), ("cps", (0, 2))])
+def test_recomputed_log_probs_equal_recorded_ones(policy, sde_type, window):
+    traj = generate(policy, PROMPTS[:4], [0, 1, 2, 3], **KW, sde_type=sde_type, window=window, guidance_scale=3.0)
+    k = 6 if window is None else window[1] - window[0]
+    assert traj.log_probs.shape == (4, k) and traj.latents.shape == (4, k + 1, 4, 16, 16)
     with torch.no_grad():
         for j in range(len(traj.step_indices)):
             log_prob, _, _ = transition_log_prob(policy, traj, j)
@@ -56,6 +57,21 @@ def test_window_records_only_its_steps_and_is_ode_elsewhere(policy):
     assert not torch.equal(windowed.final_latents, ode.final_latents)  # the window injected noise
     zero_noise = generate(policy, PROMPTS[:2], [5, 6], **KW, sde_type="sde", window=(2, 4), noise_level=0.0)
     assert torch.equal(zero_noise.final_latents, ode.final_latents)
+
+
+def test_window_ending_early_records_the_state_leaving_its_last_step(policy):
+    """The last recorded state is the output of the window's last step, and the ODE chain continues from it."""
+    traj = generate(policy, PROMPTS[:2], [3, 4], **KW, sde_type="sde", window=(1, 3), decode=False)
+    assert not torch.equal(traj.latents[:, -1], traj.final_latents)
+    from rlhf_image.sde import ode_step
+
+    latents = traj.latents[:, -1]
+    with torch.no_grad():
+        for step in range(3, 6):
+            sigma, sigma_next = traj.sigmas[step], traj.sigmas[step + 1]
+            latents = ode_step(policy.predict_velocity(latents, sigma, traj.cond), latents, sigma, sigma_next)
+    # Close, not equal: this continuation runs 2 rows per transformer call, the sampler ran padded micro-batches of 4.
+    torch.testing.assert_close(latents, traj.final_latents, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_name_the_problem(policy):
