@@ -67,6 +67,14 @@ def test_flags_override_the_yaml_and_packaged_names_resolve():
         parse_command("pretrain", ["--config", "no_such.yaml"])
 
 
+def test_lora_needs_a_base_the_next_stage_can_reload(tmp_path):
+    from recipes.cli import run_command
+
+    with pytest.raises(ValueError, match="needs a base model that the next stage can reload"):
+        run_command("pretrain", ["--config", "tiny_pretrain.yaml", "--vae_path", "", "--lora_rank", "4",
+                                 "--synthetic_num_samples", "4", "--output_dir", str(tmp_path)])
+
+
 def test_bad_rope_split_fails_at_parse_time(capsys):
     assert main(["pretrain", "--config", "tiny_pretrain.yaml", "--vae_path", "", "--tiny_hidden_size", "64"]) == 2
     assert "tiny_axes_dims_rope" in capsys.readouterr().err
@@ -128,6 +136,15 @@ def test_packaged_config_launch_line_and_fields(path, tmp_path):
         if key not in ("model", "vae_path", "pairs_path", "bf16", "deepspeed", "use_cpu"):
             held = [vars(p)[key] for p in parsed if key in vars(p)]
             assert held, f"{key} is not a field of {command}"
+
+
+def test_demo_overrides_from_the_command_line():
+    from recipes.ovis_image.demo import override_tokens
+
+    _, (demo,) = parse_command("demo", ["--pretrain_overrides", "max_steps=600", "learning_rate=5e-4"])
+    assert override_tokens(demo.pretrain_overrides) == ["--max_steps", "600", "--learning_rate", "5e-4"]
+    assert override_tokens(["--tiny_axes_dims_rope", "4", "6", "6", "seed=1"]) == \
+        ["--tiny_axes_dims_rope", "4", "6", "6", "--seed", "1"]
 
 
 def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):

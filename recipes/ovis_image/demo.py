@@ -37,9 +37,11 @@ TRAINING = ("pretrain", "sft", "dpo", "grpo")
 @dataclass
 class DemoArguments:
     """Settings of the demo run. Each `*_overrides` is a list of command-line tokens appended to that stage's
-    command (after its tiny config), e.g. `pretrain_overrides: [--max_steps, "200"]`."""
+    command (after its tiny config): flags as in YAML `pretrain_overrides: [--max_steps, "200"]`, or `key=value`
+    tokens, which also work on the command line: `rlhf-image demo --pretrain_overrides max_steps=200`."""
 
-    output_dir: str = field(default="outputs/demo", metadata={"help": "Root folder of the stage folders and the report."})
+    output_dir: str = field(default="outputs/demo",
+                            metadata={"help": "Root folder of the stage folders and the report."})
     config_dir: str = field(default=CONFIG_DIR, metadata={"help": "Where the tiny_*.yaml stage configs are."})
     reuse_finished: bool = field(
         default=True, metadata={"help": "Skip a stage whose folder already holds its finished record."})
@@ -60,6 +62,18 @@ class DemoArguments:
 
 
 ARGUMENTS = (DemoArguments,)
+
+
+def override_tokens(tokens: list[str]) -> list[str]:
+    """Command-line tokens of an override list: `key=value` becomes `--key value`; anything else is kept."""
+    out = []
+    for token in tokens:
+        if not token.startswith("-") and "=" in token:
+            key, value = token.split("=", 1)
+            out += [f"--{key}", value]
+        else:
+            out.append(token)
+    return out
 
 
 def _finished(folder: str) -> bool:
@@ -101,10 +115,11 @@ def run(args: DemoArguments) -> dict[str, str]:
     for command, name, stage_config in PIPELINE:
         resume = ["--resume", "latest"] if command in TRAINING else []
         timed(name, command, config(stage_config) + inputs[command] + ["--output_dir", folder(name)] + resume
-              + overrides[command])
+              + override_tokens(overrides[command]))
         if name in EVALUATED:
             timed(os.path.join("eval", name), "eval", config("tiny_eval.yaml")
-                  + ["--model", folder(name), "--output_dir", folder(os.path.join("eval", name))] + args.eval_overrides)
+                  + ["--model", folder(name), "--output_dir", folder(os.path.join("eval", name))]
+                  + override_tokens(args.eval_overrides))
     paths = write_report(root, timings, title=args.title)
     print(f"[rlhf-image demo] report: {paths['html']} and {paths['markdown']}", flush=True)
     return paths

@@ -109,7 +109,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_report(demo_dir: str, timings: dict[str, float] | None = None, title: str = "rlhf-image CPU demo") -> dict[str, str]:
+def write_report(demo_dir: str, timings: dict[str, float] | None = None,
+                 title: str = "rlhf-image CPU demo") -> dict[str, str]:
     """Write `demo_dir/report/` from the stage folders (see the module docstring).
 
     Args:
@@ -131,7 +132,8 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None, title: 
     for folder, name in STAGES:
         for plot, series in CURVES.get(folder, []):
             relative = f"plots/{folder}_{plot}.png"
-            if plot_curves(records[folder].get("log_history", []), series, f"{name}: {plot}", os.path.join(out, relative)):
+            history = records[folder].get("log_history", [])
+            if plot_curves(history, series, f"{name}: {plot}", os.path.join(out, relative)):
                 figures.append((folder, f"{name}: {plot}", relative))
     recon = os.path.join(demo_dir, "vae", "reconstructions.png")
     if os.path.isfile(recon):
@@ -182,7 +184,8 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None, title: 
             f"<p>{html.escape(intro)}</p>", "<h2>OCR accuracy on held-out prompts</h2><table>",
             "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
             *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table],
-            "</table><h2>Stages</h2><ul>", *[f"<li>{html.escape(fact)}</li>" for fact in facts], "</ul><h2>Figures</h2>"]
+            "</table><h2>Stages</h2><ul>", *[f"<li>{html.escape(fact)}</li>" for fact in facts],
+            "</ul><h2>Figures</h2>"]
     page += [f"<figure><img src=\"{_data_uri(os.path.join(out, relative))}\" alt=\"{html.escape(caption)}\">"
              f"<figcaption>{html.escape(caption)}</figcaption></figure>" for _, caption, relative in figures]
     page.append("</body></html>")

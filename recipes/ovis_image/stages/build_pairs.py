@@ -21,7 +21,8 @@ from .inputs import PoolRows, build_rewards, describe_data, image_text_dataset
 class PairArguments:
     """Settings of the pair builder (see `rlhf_image.build_preference_pairs`)."""
 
-    output_dir: str = field(default="outputs/ovis_tiny/pairs", metadata={"help": "The pair folder (continued if it exists)."})
+    output_dir: str = field(default="outputs/ovis_tiny/pairs",
+                            metadata={"help": "The pair folder (continued if it exists)."})
     height: int = field(default=512, metadata={"help": "Height of the generated (and cropped pool) images."})
     width: int = field(default=512, metadata={"help": "Width of the generated (and cropped pool) images."})
     num_inference_steps: int = field(default=28, metadata={"help": "ODE steps of the generated image."})

@@ -99,7 +99,7 @@ def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> OvisImag
         pipe.transformer.fuse_lora()
         pipe.transformer.unload_lora()
         return pipe
-    if os.path.isfile(os.path.join(path, "model_index.json")):
+    if os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.exists(path):  # a folder or a Hub id
         return OvisImagePipeline.from_pretrained(path, torch_dtype=dtype)
     raise FileNotFoundError(f"{path} is not a stage output: it has neither model_index.json (full weights) nor a "
                             f"{STAGE_RECORD} of a LoRA stage; did the stage finish?")
@@ -119,10 +119,22 @@ def inference_policy(args: ModelArguments) -> FlowPolicy:
     return policy.to(device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def lora_config(args: RecipeArguments):
-    """A peft `LoraConfig` for `lora_rank > 0`, else `None` (full fine-tuning)."""
+def lora_base(args: ModelArguments) -> str:
+    """Where a LoRA stage's base model is reloaded from: the input folder, or the 7B pipeline's folder / Hub id."""
+    if os.path.isdir(args.model) and args.transformer_init == "pretrained" and not args.vae_path:
+        return os.path.abspath(args.model)
+    if args.model == "7b" and args.transformer_init == "pretrained" and not (args.vae_path or args.text_encoder_path):
+        return args.hub_id
+    raise ValueError(f"lora_rank > 0 needs a base model that the next stage can reload, but model={args.model!r} "
+                     f"(transformer_init={args.transformer_init!r}, vae_path={args.vae_path!r}) is built in memory; "
+                     "run a full-weights stage first and pass its output_dir as `model`")
+
+
+def lora_config(args: RecipeArguments, model_args: ModelArguments):
+    """A peft `LoraConfig` for `lora_rank > 0` (after checking that the base can be reloaded), else `None`."""
     if args.lora_rank == 0:
         return None
+    lora_base(model_args)
     from peft import LoraConfig
 
     return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
@@ -179,11 +191,7 @@ class StepCounter(TrainerCallback):
     """Counts the optimizer steps this process ran, so a record tells a resumed run from a restarted one."""
 
     def __init__(self):
-        self.first_step: int | None = None
         self.steps = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.first_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps += 1
@@ -192,8 +200,7 @@ class StepCounter(TrainerCallback):
 def training_record(stage: str, trainer, model_args: ModelArguments, resumed_from: str | None, counter: StepCounter,
                     lora: bool, **extra: Any) -> dict[str, Any]:
     """The stage record of a training stage: input model, LoRA base, steps, resume, log history."""
-    return {"stage": stage, "model": model_args.model,
-            "base_model": os.path.abspath(model_args.model) if lora and os.path.isdir(model_args.model) else None,
+    return {"stage": stage, "model": model_args.model, "base_model": lora_base(model_args) if lora else None,
             "lora": lora, "global_step": trainer.state.global_step, "steps_this_run": counter.steps,
             "resumed_from": resumed_from, **extra, "log_history": trainer.state.log_history}
 

@@ -35,7 +35,7 @@ class DPORecipe:
         self.counter = StepCounter()
         # The reference is the starting (SFT) model: a frozen copy, or the adapter disabled with LoRA.
         self.trainer = DPOTrainer(policy, args=self.config, train_dataset=rows,
-                                  peft_config=lora_config(self.recipe_args), callbacks=[self.counter])
+                                  peft_config=lora_config(self.recipe_args, self.model_args), callbacks=[self.counter])
         self.resume_from = resolve_resume(self.recipe_args.resume, self.config.output_dir)
         print_banner(self.stage, {
             "model": describe_model(self.model_args, self.trainer.model),

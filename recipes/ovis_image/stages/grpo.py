@@ -37,7 +37,7 @@ class GRPORecipe:
         rewards = build_rewards(self.reward_args)
         self.counter = StepCounter()
         self.trainer = GRPOTrainer(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
-                                   peft_config=lora_config(self.recipe_args), callbacks=[self.counter])
+                                   peft_config=lora_config(self.recipe_args, self.model_args), callbacks=[self.counter])
         self.resume_from = resolve_resume(self.recipe_args.resume, self.config.output_dir)
         print_banner(self.stage, {
             "model": describe_model(self.model_args, self.trainer.model),

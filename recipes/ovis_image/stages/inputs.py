@@ -68,7 +68,8 @@ def build_rewards(args: RewardArguments) -> list[Any]:
     return rewards
 
 
-def synthetic_dataset(args: DataArguments, split: str = "train", num_samples: int | None = None) -> TextRenderingDataset:
+def synthetic_dataset(args: DataArguments, split: str = "train",
+                      num_samples: int | None = None) -> TextRenderingDataset:
     return TextRenderingDataset(
         num_samples or args.synthetic_num_samples, mode=args.synthetic_mode, split=split,
         vocabulary=args.synthetic_vocabulary, min_length=args.synthetic_min_length,

@@ -36,7 +36,8 @@ class FlowMatchingRecipe:
                                     "cfg_dropout_prob", "use_ema")
         self.counter = StepCounter()
         self.trainer = FlowMatchingTrainer(policy, args=self.config, train_dataset=self.dataset,
-                                           peft_config=lora_config(self.recipe_args), callbacks=[self.counter])
+                                           peft_config=lora_config(self.recipe_args, self.model_args),
+                                           callbacks=[self.counter])
         self.resume_from = resolve_resume(self.recipe_args.resume, self.config.output_dir)
         print_banner(self.stage, {
             "model": describe_model(self.model_args, self.trainer.model),

@@ -55,7 +55,8 @@ def run(model_args: ModelArguments, args: SampleArguments) -> StageResult:
     with open(os.path.join(args.output_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
         for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, images)):
             image.save(os.path.join(args.output_dir, f"sample_{i:03d}.png"))
-            f.write(json.dumps({"file": f"sample_{i:03d}.png", "prompt": prompt, "seed": seed}, ensure_ascii=False) + "\n")
+            row = {"file": f"sample_{i:03d}.png", "prompt": prompt, "seed": seed}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     image_grid(images, columns=min(args.grid_columns, len(images))).save(os.path.join(args.output_dir, "grid.png"))
     print(f"[rlhf-image] sample: {len(images)} images in {args.output_dir}", flush=True)
     return StageResult("sample", args.output_dir, {"stage": "sample", "prompts": prompts, "seeds": seeds})
