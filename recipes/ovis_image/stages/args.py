@@ -77,7 +77,9 @@ class ModelArguments:
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={self.max_sequence_length} must be >= 1")
         if self.model == "tiny":
-            head_dim = self.tiny_hidden_size // max(self.tiny_num_heads, 1)
+            if min(self.tiny_hidden_size, self.tiny_num_heads, self.tiny_num_layers + self.tiny_num_single_layers) < 1:
+                raise ValueError("tiny_hidden_size, tiny_num_heads and the number of blocks must be >= 1")
+            head_dim = self.tiny_hidden_size // self.tiny_num_heads
             if self.tiny_hidden_size % self.tiny_num_heads or sum(self.tiny_axes_dims_rope) != head_dim:
                 raise ValueError(f"tiny_axes_dims_rope={self.tiny_axes_dims_rope} must sum to the head dim "
                                  f"tiny_hidden_size / tiny_num_heads = {self.tiny_hidden_size}/{self.tiny_num_heads}; "
