@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from .dpo_config import DPOConfig
 from .fm_trainer import EVAL_STREAM, TRAIN_STREAM, noise_seed
 from .losses import dpo_loss, interpolate, per_sample_mse
-from .model_io import frozen_copy, is_lora, prepare_transformer, reference_policy, save_full, save_lora, write_model_card
+from .model_io import frozen_copy, is_lora, prepare_transformer, reference_policy, save_trained, write_model_card
 from .policy import Conditioning, FlowPolicy
 from .preference_data import PairEncoder, PreferencePairDataset, collate_pairs
 from .schedule import calculate_shift, sample_training_sigmas
@@ -234,8 +234,7 @@ class DPOTrainer(Trainer):
         state_dict = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else None
         if not self.args.should_save:
             return
-        lora = is_lora(self.model)
-        (save_lora if lora else save_full)(self.model, output_dir, state_dict)
+        lora = save_trained(self.model, output_dir, state_dict)
         args = self.args
         details = {"beta": args.beta, "steps": self.state.global_step, "resolution": args.resolution,
                    "timesteps": f"{args.timestep_sampling}, shift {args.timestep_shift}",

@@ -37,7 +37,7 @@ from .ema import EMAModel, is_zero3_partitioned, local_tensor
 from .encode_cache import EncodeCache, fingerprint
 from .fm_config import FlowMatchingConfig
 from .losses import flow_matching_loss, interpolate
-from .model_io import is_lora, prepare_transformer, save_full, save_lora, write_model_card
+from .model_io import is_lora, prepare_transformer, save_trained, write_model_card
 from .policy import Conditioning, FlowPolicy, pil_to_tensor
 from .schedule import calculate_shift, loss_weighting, sample_training_sigmas
 
@@ -450,10 +450,7 @@ class FlowMatchingTrainer(Trainer):
             # gathered under DeepSpeed (ZeRO-3 partitions); otherwise the model's own save_pretrained
             state_dict = self.accelerator.get_state_dict(self.model_wrapped) if self.is_deepspeed_enabled else None
             if self.args.should_save:
-                if is_lora(model):
-                    save_lora(model, output_dir, state_dict)
-                else:
-                    save_full(model, output_dir, state_dict)
+                save_trained(model, output_dir, state_dict)
         if self.args.should_save:
             losses = [h["loss"] for h in self.state.log_history if "loss" in h]
             evals = [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]

@@ -42,7 +42,7 @@ from .grpo_config import GRPOConfig
 from .losses import grpo_loss
 from .metrics import (PhaseTimer, forward_flops, measure_peak_flops, mfu, reduce_metrics, save_sample_table,
                       synchronize)
-from .model_io import (frozen_copy, is_lora, prepare_transformer, reference_policy, save_full, save_lora,
+from .model_io import (frozen_copy, is_lora, prepare_transformer, reference_policy, save_trained,
                        write_model_card)
 from .policy import Conditioning, FlowPolicy, tensor_to_pil
 from .rollout_engine import InProcessRolloutEngine, RolloutEngine, RolloutSpec
@@ -539,12 +539,9 @@ class GRPOTrainer(Trainer):
         state_dict = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else None
         if not self.args.should_save:
             return
-        if is_lora(self.model):
-            save_lora(self.model, output_dir, state_dict)
-        else:
-            save_full(self.model, output_dir, state_dict)
+        lora = save_trained(self.model, output_dir, state_dict)
         write_model_card(output_dir, method="GRPO", base_model=self.policy.base_model_name_or_path,
-                         lora=is_lora(self.model), details=self._card_details(), metrics=self._final_metrics())
+                         lora=lora, details=self._card_details(), metrics=self._final_metrics())
 
     def _card_details(self) -> dict[str, object]:
         args = self.args

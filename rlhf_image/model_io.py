@@ -139,6 +139,17 @@ def load_lora(pipe, path: str) -> None:
         pipe.transformer.load_lora_adapter(path, prefix=TRANSFORMER_PREFIX, weight_name=LORA_WEIGHT_NAME)
 
 
+def save_trained(transformer: torch.nn.Module, save_directory: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> bool:
+    """Write a trained transformer the way stock diffusers loads it: [`save_lora`] for a peft model, else
+    [`save_full`]. Returns whether it was a LoRA (for the model card)."""
+    if is_lora(transformer):
+        save_lora(transformer, save_directory, state_dict)
+        return True
+    save_full(transformer, save_directory, state_dict)
+    return False
+
+
 def write_model_card(save_directory: str, *, method: str, base_model: str | None, lora: bool,
                      details: dict[str, object] | None = None, metrics: dict[str, float] | None = None) -> str:
     """Write a short `README.md`: what was trained, from what, how to load it, and final metrics.
