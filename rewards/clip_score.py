@@ -8,6 +8,7 @@ Both embed the image and the prompt, L2-normalise, and take the cosine `c = <img
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from .clip_utils import image_embeddings, load_clip, text_embeddings
 
 
-class _CLIPPairReward:
+class _CLIPPairReward(ABC):
     """Loads a CLIP once and computes the cosine between each image and its prompt."""
 
     def __init__(self, model: Any, processor: Any, *, device: str | torch.device, dtype: Any, batch_size: int,
@@ -40,8 +41,9 @@ class _CLIPPairReward:
         image = image_embeddings(self.model, self.image_processor, images, self.batch_size)
         return (image * text[index]).sum(-1)
 
+    @abstractmethod
     def score(self, prompts: Sequence[str], images: Sequence[Any]) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-sample scores, `torch.Tensor` of shape `[N]`."""
 
     def __call__(self, prompts: list[str], images: list[Any], **columns: Any) -> list[float | None]:
         """Score a batch: `list[float]` of length N (extra `columns` are ignored)."""
