@@ -75,8 +75,12 @@ class DPOConfig(TrainingArguments):
         > Data
 
         resolution (`int`, *optional*, defaults to `512`):
-            Images are resized (shorter side) and center-cropped to `resolution x resolution` before VAE encoding.
-            Precomputed latents are used as given.
+            Images are resized (to cover) and center-cropped to `resolution x resolution` before VAE encoding,
+            unless `height`/`width` are set. Precomputed latents are used as given.
+        height (`int`, *optional*):
+            Training image height in pixels (defaults to `resolution`); with `width`, non-square training.
+        width (`int`, *optional*):
+            Training image width in pixels (defaults to `resolution`).
         cfg_dropout_prob (`float`, *optional*, defaults to `0.0`):
             Probability of training a pair on the empty (negative) prompt instead of its prompt, which keeps the
             unconditional velocity that classifier-free guidance needs (the Diffusion-DPO SD1.5 script used 0.2).
@@ -127,6 +131,10 @@ class DPOConfig(TrainingArguments):
     sdpo_eps: float = field(default=1e-9, metadata={"help": "Added to the SDPO denominator."})
     # --- data ---
     resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
+    height: int | None = field(default=None, metadata={"help": "Training image height in pixels (defaults to "
+                                                             "resolution)."})
+    width: int | None = field(default=None, metadata={"help": "Training image width in pixels (defaults to "
+                                                            "resolution)."})
     cfg_dropout_prob: float = field(
         default=0.0, metadata={"help": "Probability of training a pair on the empty prompt (for classifier-free "
                                        "guidance)."}
@@ -175,6 +183,10 @@ class DPOConfig(TrainingArguments):
                              "sdpo_space='output' or ZeRO stage <= 2")
         if not self.resolution > 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of pixels (or unset to use resolution), "
+                                 f"got {value}")
         if not 0.0 <= self.cfg_dropout_prob < 1.0:
             raise ValueError(f"cfg_dropout_prob must be in [0, 1), got {self.cfg_dropout_prob}; use 0 to disable")
         if self.encode_batch_size is not None and self.encode_batch_size < 1:
@@ -190,3 +202,8 @@ class DPOConfig(TrainingArguments):
         if not self.deepspeed:
             return None
         return self.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the training images in pixels: `height`/`width`, each defaulting to `resolution`."""
+        return (self.height or self.resolution, self.width or self.resolution)

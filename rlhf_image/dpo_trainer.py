@@ -66,9 +66,11 @@ class DPOTrainer(Trainer):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}")
         policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
         unit = policy.vae_scale_factor * policy.latent_patch
-        if args.resolution % unit:
-            raise ValueError(f"DPOConfig.resolution={args.resolution} is not a multiple of this model's pixel unit "
-                             f"{unit} (VAE factor x patch); use resolution={max(unit, args.resolution // unit * unit)}")
+        for name, pixels in zip(("height", "width"), args.image_size):
+            if pixels % unit:
+                raise ValueError(f"DPOConfig image {name} {pixels} (from `{name}` or `resolution`) is not a multiple "
+                                 f"of this model's pixel unit {unit} (VAE factor x patch); use "
+                                 f"{max(unit, pixels // unit * unit)}")
         if peft_config is not None and ref_model is not None:
             raise ValueError("with peft_config the reference is the policy with its adapter disabled: pass "
                              "ref_model=None")
@@ -89,7 +91,7 @@ class DPOTrainer(Trainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"{name} is empty")
-        self.encoder = PairEncoder(policy, args.resolution, args.encode_batch_size or args.per_device_train_batch_size,
+        self.encoder = PairEncoder(policy, args.image_size, args.encode_batch_size or args.per_device_train_batch_size,
                                    cache_latents=args.cache_latents, cache_text=args.cache_text_embeddings,
                                    cache_dir=args.cache_dir)
         self._empty_cond = policy.encode_prompt([policy.negative_prompt]) if args.cfg_dropout_prob > 0 else None
@@ -236,7 +238,7 @@ class DPOTrainer(Trainer):
             return
         lora = save_trained(self.model, output_dir, state_dict)
         args = self.args
-        details = {"beta": args.beta, "steps": self.state.global_step, "resolution": args.resolution,
+        details = {"beta": args.beta, "steps": self.state.global_step, "image size": "x".join(map(str, args.image_size)),
                    "timesteps": f"{args.timestep_sampling}, shift {args.timestep_shift}",
                    "SDPO safeguard": f"{args.sdpo_space} space, mu {args.sdpo_mu}" if args.sdpo else "off",
                    "learning rate": args.learning_rate}

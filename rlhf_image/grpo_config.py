@@ -36,7 +36,11 @@ class GRPOConfig(TrainingArguments):
         num_inference_steps (`int`, *optional*, defaults to `10`):
             Denoising steps per rollout (Flow-GRPO trains with 10, evaluates with 40).
         resolution (`int`, *optional*, defaults to `512`):
-            Height and width of the sampled images, in pixels.
+            Height and width of the sampled images, in pixels, unless `height`/`width` are set.
+        height (`int`, *optional*):
+            Height of the sampled images in pixels (defaults to `resolution`); with `width`, non-square rollouts.
+        width (`int`, *optional*):
+            Width of the sampled images in pixels (defaults to `resolution`).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             True classifier-free guidance scale used in rollouts (1.0 disables CFG).
         train_with_cfg (`bool`, *optional*, defaults to `True`):
@@ -119,6 +123,8 @@ class GRPOConfig(TrainingArguments):
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps per rollout."})
     resolution: int = field(default=512, metadata={"help": "Height and width of sampled images, in pixels."})
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels (defaults to resolution)."})
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels (defaults to resolution)."})
     guidance_scale: float = field(
         default=4.5, metadata={"help": "True classifier-free guidance scale in rollouts (1.0 disables CFG)."}
     )
@@ -214,6 +220,9 @@ class GRPOConfig(TrainingArguments):
             self._fail("num_inference_steps", "must be positive", "set num_inference_steps >= 1")
         if self.resolution < 1:
             self._fail("resolution", "must be positive", "set the image size in pixels, e.g. 512")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and value < 1:
+                self._fail(name, "must be positive", f"set {name} in pixels, or leave it unset to use resolution")
         if self.sde_type not in SDE_TYPES:
             self._fail("sde_type", f"unknown sampler, expected one of {SDE_TYPES}", "use 'sde' or 'cps'")
         if not self.noise_level > 0:
@@ -282,3 +291,8 @@ class GRPOConfig(TrainingArguments):
     def rollout_batch_size(self) -> int:
         """Images sampled per process per rollout: `per_device_train_batch_size * gradient_accumulation_steps`."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the sampled images in pixels: `height`/`width`, each defaulting to `resolution`."""
+        return (self.height or self.resolution, self.width or self.resolution)

@@ -183,7 +183,7 @@ class GRPOTrainer(Trainer):
         self.rollout_engine = rollout_engine if rollout_engine is not None else InProcessRolloutEngine()
         self.rollout_engine.bind(policy, self.reward_funcs, self.reward_names)
         self.spec = RolloutSpec(
-            height=args.resolution, width=args.resolution, num_steps=args.num_inference_steps,
+            height=args.image_size[0], width=args.image_size[1], num_steps=args.num_inference_steps,
             sde_type=args.sde_type, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
             micro_batch_size=args.micro_batch_size)
         self.peak_flops = args.peak_flops
@@ -548,7 +548,7 @@ class GRPOTrainer(Trainer):
         rewards = ", ".join(f"{name} (weight {w:g})" for name, w in zip(self.reward_names, self.reward_weights))
         return {"reward functions": rewards, "reward aggregation": args.reward_aggregation,
                 "steps": self.state.global_step, "sampler": f"{args.sde_type}, noise level {args.noise_level}",
-                "group size": args.num_generations, "resolution": args.resolution,
+                "group size": args.num_generations, "image size": "x".join(map(str, args.image_size)),
                 "inference steps": args.num_inference_steps, "learning rate": args.learning_rate, "beta": args.beta}
 
     def _final_metrics(self) -> dict[str, float]:

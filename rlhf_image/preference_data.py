@@ -71,9 +71,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                 "rejected": str(self.root / row["rejected"]), **row.get("columns", {})}
 
 
-def load_image(source: Any, resolution: int | None = None) -> PIL.Image.Image:
+def load_image(source: Any, size: tuple[int, int] | None = None) -> PIL.Image.Image:
     """An RGB PIL image from a path, PIL image, encoded bytes or `{"bytes"|"path"}` dict, resized to cover
-    `resolution x resolution` and center-cropped to it when `resolution` is given."""
+    `size = (height, width)` and center-cropped to it when `size` is given."""
     if isinstance(source, PIL.Image.Image):
         image = source.convert("RGB")
     elif isinstance(source, (str, os.PathLike, bytes)):
@@ -83,7 +83,7 @@ def load_image(source: Any, resolution: int | None = None) -> PIL.Image.Image:
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}; pass a path, a PIL image, encoded "
                         "bytes, a {'bytes': ...} dict or latents")
-    return image if resolution is None else resize_to_bucket(image, (resolution, resolution))
+    return image if size is None else resize_to_bucket(image, size)
 
 
 def image_key(source: Any) -> str:
@@ -122,16 +122,16 @@ class PairEncoder:
 
     Args:
         policy ([`FlowPolicy`]).
-        resolution (`int`): images are resized and center-cropped to `resolution x resolution`.
+        size (`tuple[int, int]`): images are resized and center-cropped to `(height, width)` pixels.
         batch_size (`int`): rows per VAE / text-encoder call.
         cache_latents, cache_text (`bool`, defaults to `False`): cache the VAE latents (keyed by
-            [`image_key`] and resolution) / the text conditioning (keyed by prompt).
+            [`image_key`] and size) / the text conditioning (keyed by prompt).
         cache_dir (`str`, *optional*): keep the caches on disk there.
     """
 
-    def __init__(self, policy: FlowPolicy, resolution: int, batch_size: int, cache_latents: bool = False,
+    def __init__(self, policy: FlowPolicy, size: tuple[int, int], batch_size: int, cache_latents: bool = False,
                  cache_text: bool = False, cache_dir: str | None = None):
-        self.policy, self.resolution, self.batch_size = policy, resolution, batch_size
+        self.policy, self.size, self.batch_size = policy, tuple(size), batch_size
         self.latent_cache = self.text_cache = None
         if cache_text:
             probe = policy.encode_prompt(["rlhf-image text cache probe"])
@@ -157,13 +157,13 @@ class PairEncoder:
         out: list[torch.Tensor | None] = [None] * len(sources)
         keys = [None] * len(sources)
         if self.latent_cache is not None:
-            keys = [f"{image_key(s)}@{self.resolution}x{self.resolution}" for s in sources]
+            keys = [f"{image_key(s)}@{self.size[0]}x{self.size[1]}" for s in sources]
             for i, key in enumerate(keys):
                 entry = self.latent_cache.get(key)
                 out[i] = None if entry is None else entry["latents"].to(device)
         missing = [i for i, value in enumerate(out) if value is None]
         for rows, padded in self._chunks(len(missing)):
-            images = [load_image(sources[missing[r]], self.resolution) for r in padded]
+            images = [load_image(sources[missing[r]], self.size) for r in padded]
             encoded = self.policy.encode_images(images)
             for j, r in enumerate(rows):
                 out[missing[r]] = encoded[j]

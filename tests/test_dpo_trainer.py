@@ -197,9 +197,22 @@ def test_precomputed_latents_and_text_embeddings_train_like_images(tmp_path):
     assert [e["dpo_loss"] for e in dpo_logs(latents)] == [e["dpo_loss"] for e in dpo_logs(images)]
 
 
+def test_height_and_width_train_on_non_square_images(tmp_path):
+    policy = make_policy()
+    trainer = DPOTrainer(policy, args=config(tmp_path, height=16, width=32, max_steps=1),
+                         train_dataset=bright_dark_rows(2))
+    rows = bright_dark_rows(2)
+    latents = trainer.encoder.latents([r["chosen"] for r in rows])
+    assert latents.shape[-2:] == policy.latent_size(16, 32)
+    trainer.train()
+    assert math.isfinite(dpo_logs(trainer)[0]["dpo_loss"])
+
+
 def test_rejects_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="resolution"):
+    with pytest.raises(ValueError, match="height 18 .* use 16"):
         DPOTrainer(make_policy(), args=config(tmp_path, resolution=18), train_dataset=bright_dark_rows(2))
+    with pytest.raises(ValueError, match="width 22 .* use 20"):
+        DPOTrainer(make_policy(), args=config(tmp_path, resolution=16, width=22), train_dataset=bright_dark_rows(2))
     with pytest.raises(ValueError, match="ref_model"):
         DPOTrainer(make_policy(), ref_model=make_policy(1), args=config(tmp_path), train_dataset=bright_dark_rows(2),
                    peft_config=lora_config())

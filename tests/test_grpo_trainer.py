@@ -178,6 +178,21 @@ def test_window_seeds_columns_and_custom_engine(tmp_path):
     assert len({s for call in engine.calls for s in call["seeds"]}) == 24  # distinct noise per sample
 
 
+def test_height_and_width_give_non_square_rollouts(tmp_path):
+    sizes = []
+
+    def record_size(prompts, images, **columns):
+        sizes.extend(image.size for image in images)
+        return brightness(prompts, images)
+
+    args = tiny_config(tmp_path, max_steps=1, height=16, width=48)
+    assert args.image_size == (16, 48) and tiny_config(tmp_path).image_size == (32, 32)
+    GRPOTrainer(ovis_policy(), record_size, args=args, train_dataset=dataset()).train()
+    assert sizes == [(48, 16)] * 8  # PIL sizes are (width, height)
+    with pytest.raises(ValueError, match="width"):
+        tiny_config(tmp_path, width=0)
+
+
 def test_evaluate_scores_deterministic_samples(tmp_path):
     args = tiny_config(tmp_path, max_steps=1)
     eval_rows = [{"prompt": "a cat"}, {"prompt": "a boat"}, {"prompt": "the sun"}]

@@ -28,7 +28,7 @@ class DPORecipe:
     def setup(self) -> None:
         self.pipe = load_pipeline(self.model_args)
         policy = build_policy(self.pipe, self.model_args)
-        settings = trainer_settings(self.config, "beta", "sdpo", "sdpo_space", "sdpo_mu", "resolution",
+        settings = trainer_settings(self.config, "beta", "sdpo", "sdpo_space", "sdpo_mu", "image_size",
                                     "timestep_shift", "cfg_dropout_prob")
         take_gradient_checkpointing(policy, self.config)
         rows, self.skipped_pairs = readable_pairs(self.pair_args.pairs_path)

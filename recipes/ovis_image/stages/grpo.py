@@ -29,7 +29,7 @@ class GRPORecipe:
     def setup(self) -> None:
         self.pipe = load_pipeline(self.model_args)
         policy = build_policy(self.pipe, self.model_args)
-        settings = trainer_settings(self.config, "num_generations", "num_inference_steps", "resolution", "sde_type",
+        settings = trainer_settings(self.config, "num_generations", "num_inference_steps", "image_size", "sde_type",
                                     "noise_level", "guidance_scale", "beta", "epsilon", "num_iterations",
                                     "timestep_fraction")
         take_gradient_checkpointing(policy, self.config)
