@@ -35,21 +35,30 @@ class EMAModel:
     Args:
         named_parameters (`list[tuple[str, torch.nn.Parameter]]`): the parameters to average.
         decay (`float`): weight of the running average per step, in [0, 1).
+        warmup (`bool`, defaults to `False`): use `min(decay, (1 + t) / (10 + t))` at update `t = 1, 2, ...`
+            (diffusers' `EMAModel` schedule), so that early averages are not dominated by the initial weights.
+            `num_updates` must then be restored on resume (the trainer sets it to the global step).
     """
 
-    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float):
+    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.params = dict(named_parameters)
         self.shadow = {name: local_tensor(p).detach().float().clone() for name, p in self.params.items()}
         self.num_updates = 0
 
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        step = self.num_updates + 1
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step from the current parameters."""
+        decay = self.current_decay()
         for name, param in self.params.items():
-            self.shadow[name].mul_(self.decay).add_(local_tensor(param).float(), alpha=1.0 - self.decay)
+            self.shadow[name].mul_(decay).add_(local_tensor(param).float(), alpha=1.0 - decay)
         self.num_updates += 1
 
     @contextmanager

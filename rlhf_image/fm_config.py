@@ -50,6 +50,9 @@ class FlowMatchingConfig(TrainingArguments):
         use_ema (`bool`, defaults to `False`): keep an exponential moving average of the trained weights; it is
             saved with checkpoints and used for evaluation and for the final saved model.
         ema_decay (`float`, defaults to 0.9999): EMA decay per optimizer step.
+        ema_warmup (`bool`, defaults to `False`): decay `min(ema_decay, (1 + t) / (10 + t))` at step `t`
+            (diffusers' EMA schedule): for short runs, where a high constant decay keeps the EMA near the
+            random initial weights.
     """
 
     resolution: int = field(
@@ -87,6 +90,8 @@ class FlowMatchingConfig(TrainingArguments):
         metadata={"help": "Keep an EMA of the trained weights (saved with checkpoints, used for eval and the "
                           "final model)."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step, in [0, 1)."})
+    ema_warmup: bool = field(
+        default=False, metadata={"help": "Decay min(ema_decay, (1 + t) / (10 + t)) at step t (short runs)."})
 
     # TrainingArguments defaults that differ for this trainer
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})

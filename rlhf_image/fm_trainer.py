@@ -368,8 +368,9 @@ class FlowMatchingTrainer(Trainer):
         if not self.args.use_ema:
             return
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        self.ema = EMAModel(named, self.args.ema_decay)
+        self.ema = EMAModel(named, self.args.ema_decay, warmup=self.args.ema_warmup)
         if self._resume_dir is not None:
+            self.ema.num_updates = self.state.global_step
             path = os.path.join(self._resume_dir, self._ema_files()[0])
             if os.path.isfile(path):
                 self.ema.load_state_dict(safetensors.torch.load_file(path, device=str(local_tensor(named[0][1]).device)))
