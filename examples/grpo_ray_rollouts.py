@@ -1,65 +1,97 @@
-"""GRPO with rollouts on Ray workers: the in-process run with `rollout_engine=RayRolloutEngine(...)` as the only
-change. Without `--address` a private Ray instance starts on 127.0.0.1 (no dashboard, no usage stats); with
-`--address auto` the script joins the cluster started with `ray start` on this node.
+"""The recipe's GRPO stage with its rollouts on Ray workers: `rlhf-image grpo` samples in its own training
+processes; this script reads the same stage config (YAML + flags, the same argument groups) plus the Ray settings
+below, and hands `GRPOTrainer` a `RayRolloutEngine`, the only change. Each worker loads the stage's input model
+itself (from a shared folder or the Hub); only the trainable weights (the LoRA adapter with `lora_rank > 0`) travel
+at each weight sync. The output folder is a stage folder like the command's (the eval stage reads it).
 
-    python examples/grpo_ray_rollouts.py --output_dir /tmp/grpo-ray --num_workers 1 --max_steps 2
-    python examples/grpo_ray_rollouts.py --address auto --num_workers 7 --num_gpus_per_worker 1 --weight_transport collective
+On the CPU, a private Ray on 127.0.0.1 (tiny model, two steps):
+
+    python examples/grpo_ray_rollouts.py --config recipes/ovis_image/configs/tiny_grpo.yaml --model tiny --max_steps 2
+
+On a cluster started with `ray start` (see docs/ovis_image_recipe.md), from the trainer's node:
+
+    python examples/grpo_ray_rollouts.py --config recipes/ovis_image/configs/ovis_7b_grpo.yaml --ray_address auto \
+        --num_rollout_workers 15 --num_gpus_per_worker 1 --num_reward_workers 4
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
+import sys
+from dataclasses import dataclass, field
 
-import numpy as np
-from peft import LoraConfig
+from trl import TrlParser
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from recipes.cli import resolve_config
+from recipes.ovis_image.stages.args import DataArguments, ModelArguments, RecipeArguments, RewardArguments
+from recipes.ovis_image.stages.common import (StepCounter, build_policy, load_pipeline, lora_config, resolve_resume,
+                                              save_stage_output, take_gradient_checkpointing, training_record,
+                                              write_stage_record)
+from recipes.ovis_image.stages.inputs import build_rewards, prompt_rows
 from rlhf_image import GRPOConfig, GRPOTrainer
-from rlhf_image.policy import FlowPolicy
 from rollout import RayRolloutEngine
 
 
-def brightness(prompts, images, **columns):
-    """Mean pixel value in [0, 1]."""
-    return [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
+@dataclass
+class RayArguments:
+    """Where the rollouts run."""
+
+    ray_address: str | None = field(
+        default=None, metadata={"help": "'auto': the cluster of `ray start` on this node; unset: a private local Ray "
+                                        "on 127.0.0.1."})
+    num_rollout_workers: int = field(default=1, metadata={"help": "Rollout workers (one GPU each on a cluster)."})
+    num_gpus_per_worker: float | None = field(
+        default=None, metadata={"help": "GPUs per rollout worker (default: 1 when the cluster has GPUs, else 0)."})
+    num_reward_workers: int = field(
+        default=0, metadata={"help": "Reward actors (CPU-bound rewards such as OCR); 0 scores in the trainer."})
+    num_cpus_per_reward_worker: float = field(default=1.0, metadata={"help": "CPUs per reward actor."})
+    weight_transport: str = field(
+        default="object_store", metadata={"help": "'object_store' (fine for LoRA) or 'collective' (NCCL broadcast, "
+                                                  "for full weights of large models)."})
+    worker_threads: int | None = field(default=None, metadata={"help": "torch threads in CPU workers."})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir", default="grpo-ray")
-    parser.add_argument("--max_steps", type=int, default=2)
-    parser.add_argument("--address", default=None, help="'auto' to join the cluster of `ray start`")
-    parser.add_argument("--num_workers", type=int, default=1)
-    parser.add_argument("--num_gpus_per_worker", type=float, default=None)
-    parser.add_argument("--weight_transport", default="object_store", choices=["object_store", "collective"])
-    cli = parser.parse_args(argv)
+ARGUMENTS = (ModelArguments, DataArguments, RewardArguments, RecipeArguments, GRPOConfig, RayArguments)
 
+
+def parse(argv: list[str] | None = None):
+    return TrlParser(ARGUMENTS, prog="grpo_ray_rollouts.py").parse_args_and_config(
+        resolve_config(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: list[str] | None = None) -> GRPOTrainer:
+    model_args, data_args, reward_args, recipe_args, config, ray_args = parse(argv)
     # [start:engine]
-    recipe = functools.partial(ovis_image_tiny, tokenizer=ovis_prefix_tokenizer(), seed=0)  # picklable
+    pipe = load_pipeline(model_args)
+    policy = build_policy(pipe, model_args)
+    take_gradient_checkpointing(policy, config)
     engine = RayRolloutEngine(
-        recipe, policy_kwargs={"max_sequence_length": 24},  # each worker builds its replica: recipe() -> policy
-        num_workers=cli.num_workers, num_gpus_per_worker=cli.num_gpus_per_worker,
-        num_cpus_per_worker=1, worker_threads=1,
-        weight_transport=cli.weight_transport,               # LoRA: only the adapter is sent at each sync
-        address=cli.address)                                 # None: private Ray on 127.0.0.1; "auto": the cluster
-    policy = FlowPolicy.from_pipeline(recipe(), max_sequence_length=24)  # the trainer's copy, same base weights
-    args = GRPOConfig(output_dir=cli.output_dir, max_steps=cli.max_steps, use_cpu=True, report_to=[], seed=0,
-                      num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                      resolution=32, num_inference_steps=4, guidance_scale=1.0, learning_rate=1e-2,
-                      save_strategy="no", log_samples_steps=0, debug_ratio_check=True)
-    trainer = GRPOTrainer(policy, brightness, args=args, train_dataset=[{"prompt": p} for p in ("a cat", "the sea")],
-                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"]),
-                          rollout_engine=engine)
+        functools.partial(load_pipeline, model_args),  # picklable: each worker builds the same model
+        policy_kwargs={"max_sequence_length": model_args.max_sequence_length},
+        num_workers=ray_args.num_rollout_workers, num_gpus_per_worker=ray_args.num_gpus_per_worker,
+        num_reward_workers=ray_args.num_reward_workers,  # the trainer's rewards are pickled to them
+        num_cpus_per_reward_worker=ray_args.num_cpus_per_reward_worker,
+        weight_transport=ray_args.weight_transport, worker_threads=ray_args.worker_threads,
+        address=ray_args.ray_address)
+    counter = StepCounter()
+    trainer = GRPOTrainer(policy, build_rewards(reward_args), args=config, train_dataset=prompt_rows(data_args),
+                          peft_config=lora_config(recipe_args, model_args), rollout_engine=engine,
+                          callbacks=[counter])
+    resume_from = resolve_resume(recipe_args.resume, config.output_dir)
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_from)
     finally:
-        engine.close()  # kills the workers; stops Ray if the engine started it
+        engine.close()  # kills the workers; stops Ray only if the engine started it
     # [end:engine]
+    lora = save_stage_output(trainer, pipe, config.output_dir)
+    if config.should_save:
+        write_stage_record(config.output_dir, training_record("grpo", trainer, model_args, resume_from, counter, lora,
+                                                              rewards=trainer.reward_names))
     ratios = [(e["ratio/min"], e["ratio/max"]) for e in trainer.state.log_history if "ratio/max" in e]
-    print(f"{trainer.state.global_step} steps on {cli.num_workers} Ray worker(s); on-policy ratio (min, max) per "
-          f"step {ratios}; weight syncs took {engine.last_sync_seconds:.3f} s (last)")
-    return {"trainer": trainer, "engine": engine, "ratios": ratios}
+    print(f"grpo on {ray_args.num_rollout_workers} Ray worker(s): {trainer.state.global_step} steps; on-policy ratio "
+          f"(min, max) per step {ratios}; last weight sync {engine.last_sync_seconds:.3f} s; model in "
+          f"{config.output_dir}", flush=True)
+    return trainer
 
 
 if __name__ == "__main__":
