@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     rewards = [e["rewards/brightness_reward/mean"] for e in trainer.state.log_history
                if "rewards/brightness_reward/mean" in e]
     files = sorted(os.listdir(output_dir))
-    print(f"steps: {trainer.state.global_step}; mean reward per step of the resumed run: {rewards}")
+    print(f"steps: {trainer.state.global_step}; mean reward per step: {rewards}")
     print(f"{output_dir}: {files}")
     return {"trainer": trainer, "pipe": pipe, "files": files, "rewards": rewards}
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.cli import COMMANDS, CONFIG_DIR, parse_command
+from recipes.cli import COMMANDS, parse_command
+from rewards import call_reward
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.sampling import generate
 
@@ -158,7 +159,6 @@ def test_custom_reward_values_follow_the_contract_and_the_aggregation_formulas(t
     assert nan_warnings and all("'judge' returned nan at index 4" in m for m in nan_warnings)
     assert out["values"][2] is None and out["values"][0] == pytest.approx(expected[0, 0])
     with pytest.raises(ValueError, match="returned inf at index 0"):
-        from rewards import call_reward
         call_reward(lambda p, i, **c: [math.inf] * len(i), prompts, images)
     # One GRPO step: each reward logged on its own; the prompt without a target is unscored (a group of 2).
     logged = out["logged"]
@@ -233,7 +233,8 @@ def test_grpo_ovis_example_resumes_and_its_lora_reloads_in_diffusers(tmp_path):
     out = example.main(["--output_dir", str(tmp_path), "--max_steps", "3"])
     trainer = out["trainer"]
     assert trainer.state.global_step == 3
-    assert {"checkpoint-2", "checkpoint-3", "samples", "pytorch_lora_weights.safetensors", "README.md"} <= set(out["files"])
+    expected_files = {"checkpoint-2", "checkpoint-3", "samples", "pytorch_lora_weights.safetensors", "README.md"}
+    assert expected_files <= set(out["files"])
     # The resumed run started from the interrupted run's checkpoint-2: one step of its own, three in the history.
     assert len(out["rewards"]) == 3
     assert json.loads((tmp_path / "checkpoint-2" / "grpo_state.json").read_text())["global_step"] == 2
@@ -280,7 +281,8 @@ def test_grpo_on_ray_workers_runs_the_stage_on_policy(tmp_path):
          "--save_strategy", "no", "--log_samples_steps", "0", "--worker_threads", "1", "--debug_ratio_check", "true",
          "--output_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "grpo on 1 Ray worker(s): 2 steps; on-policy ratio (min, max) per step [(1.0, 1.0), (1.0, 1.0)]" in result.stdout
+    ratios = "on-policy ratio (min, max) per step [(1.0, 1.0), (1.0, 1.0)]"
+    assert f"grpo on 1 Ray worker(s): 2 steps; {ratios}" in result.stdout
     record = json.loads((tmp_path / "rlhf_stage.json").read_text())
     assert record["stage"] == "grpo" and record["global_step"] == 2 and record["rewards"] == ["ocr"]
     assert (tmp_path / "transformer").is_dir() and (tmp_path / "model_index.json").is_file()
