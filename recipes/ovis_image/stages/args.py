@@ -8,11 +8,13 @@ training stages). Each dataclass validates itself at construction and names the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from recipes.ovis_image.data import VOCABULARIES
 from recipes.ovis_image.model import OVIS_IMAGE_7B_HUB_ID
+from rollout.engine import TRANSPORTS
 
 DATASET_FORMATS = ("synthetic", "folder", "manifest", "parquet", "tar")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -191,3 +193,73 @@ class PairDataArguments:
         if self.pairs_path is None or not os.path.isfile(os.path.join(self.pairs_path, "manifest.jsonl")):
             raise ValueError(f"pairs_path={self.pairs_path!r} holds no manifest.jsonl; run `rlhf-image build-pairs` "
                              "and pass its output_dir")
+
+
+@dataclass
+class RolloutArguments:
+    """Where the GRPO stage samples its rollouts: in its training process (`num_rollout_workers=0`, the default)
+    or on `num_rollout_workers` Ray actors of a `rollout.RayRolloutEngine`, each of which builds the stage's input
+    model itself; only the trainable weights (the adapter with `lora_rank > 0`) travel at each weight sync.
+
+    The Ray engine serves one trainer process: launch the stage without `torchrun`/`deepspeed`, so one step samples
+    `per_device_train_batch_size * gradient_accumulation_steps` images.
+    """
+
+    num_rollout_workers: int = field(
+        default=0,
+        metadata={"help": "0: sample in the training process(es); N >= 1: N Ray rollout workers (one GPU each on "
+                          "a cluster with GPUs)."})
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "Ray rollouts: 'auto' joins the cluster of `ray start` on this node (or a 'host:port' / "
+                          "'ray://...' address); unset starts a private local Ray on 127.0.0.1 (RAY_ADDRESS, when "
+                          "set, is used instead)."})
+    num_gpus_per_worker: float | None = field(
+        default=None,
+        metadata={"help": "Ray rollouts: GPUs per rollout worker (default: 1 when the cluster has GPUs, else 0)."})
+    num_reward_workers: int = field(
+        default=0,
+        metadata={"help": "Ray rollouts: reward actors for CPU-bound rewards such as OCR (the trainer's rewards "
+                          "are pickled to them); 0 scores in the trainer process."})
+    num_cpus_per_reward_worker: float = field(default=1.0, metadata={"help": "Ray rollouts: CPUs per reward actor."})
+    weight_transport: str = field(
+        default="object_store",
+        metadata={"help": "Ray rollouts: 'object_store' (fine for a LoRA adapter) or 'collective' (a NCCL / gloo "
+                          "broadcast, for the full weights of a large model)."})
+    worker_threads: int | None = field(
+        default=None, metadata={"help": "Ray rollouts: torch threads in each CPU rollout worker."})
+
+    def __post_init__(self):
+        self.ray_address = self.ray_address or None  # `--ray_address ""` unsets it, as for vae_path
+        if self.num_rollout_workers < 0:
+            raise ValueError(f"num_rollout_workers={self.num_rollout_workers} must be >= 0 (0 samples in the "
+                             "training process, N >= 1 on N Ray workers)")
+        if self.num_reward_workers < 0:
+            raise ValueError(f"num_reward_workers={self.num_reward_workers} must be >= 0 (0 scores in the trainer)")
+        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
+            raise ValueError(f"num_gpus_per_worker={self.num_gpus_per_worker} must be >= 0, or unset it (1 on a "
+                             "cluster with GPUs, else 0)")
+        if self.num_cpus_per_reward_worker < 0:
+            raise ValueError(f"num_cpus_per_reward_worker={self.num_cpus_per_reward_worker} must be >= 0")
+        if self.worker_threads is not None and self.worker_threads < 1:
+            raise ValueError(f"worker_threads={self.worker_threads} must be >= 1, or unset it (torch's default)")
+        if self.weight_transport not in TRANSPORTS:
+            raise ValueError(f"weight_transport={self.weight_transport!r}; use one of {list(TRANSPORTS)}")
+        if self.num_rollout_workers == 0:
+            # A Ray setting without Ray workers would be silently ignored.
+            for ray_field in fields(self)[1:]:  # every field after num_rollout_workers is a Ray setting
+                value = vars(self)[ray_field.name]
+                if value != ray_field.default:
+                    raise ValueError(f"{ray_field.name}={value!r} applies to Ray rollouts only, but "
+                                     "num_rollout_workers=0 samples in the training process; set "
+                                     f"num_rollout_workers >= 1 or drop {ray_field.name}")
+            return
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(f"num_rollout_workers={self.num_rollout_workers} needs Ray: pip install "
+                             "'rlhf-image[ray]', or set num_rollout_workers=0")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and the deepspeed launcher
+        if world_size > 1:
+            raise ValueError(f"num_rollout_workers={self.num_rollout_workers} under a launcher of {world_size} "
+                             "processes: the Ray engine serves one trainer process (each rank would start its own "
+                             "workers); launch `rlhf-image grpo` as one process (raise gradient_accumulation_steps "
+                             "to keep the images per step), or set num_rollout_workers=0")

@@ -3,28 +3,65 @@ OCR reward, CPS sampling, few sampling steps and a KL term to the DPO model (its
 disabled with LoRA), as in the Ovis-Image report.
 
     rlhf-image grpo --config recipes/ovis_image/configs/tiny_grpo.yaml
+
+The rollouts are sampled in the training process(es), or with `--num_rollout_workers N` on N Ray workers
+(`rollout.RayRolloutEngine`, see [`RolloutArguments`]): a private local Ray on 127.0.0.1, or with
+`--ray_address auto` the cluster of `ray start` (examples/ovis_7b_cluster.sh).
 """
 
 from __future__ import annotations
 
-from rlhf_image import GRPOConfig, GRPOTrainer
+import functools
 
-from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments
+from rlhf_image import GRPOConfig, GRPOTrainer
+from rollout import RayRolloutEngine
+
+from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments, RolloutArguments
 from .common import (StageResult, StepCounter, build_policy, describe_model, load_pipeline, lora_config,
                      print_banner, resolve_resume, save_stage_output, take_gradient_checkpointing, trainer_settings,
                      training_record, write_stage_record)
 from .inputs import build_rewards, describe_data, prompt_rows
 
-ARGUMENTS = (ModelArguments, DataArguments, RewardArguments, RecipeArguments, GRPOConfig)
+ARGUMENTS = (ModelArguments, DataArguments, RewardArguments, RecipeArguments, GRPOConfig, RolloutArguments)
+
+
+def build_rollout_engine(rollout_args: RolloutArguments, model_args: ModelArguments) -> RayRolloutEngine | None:
+    """The Ray rollout engine of `rollout_args`, or `None` (`num_rollout_workers=0`: the trainer samples in its own
+    process). Each worker builds the stage's input model from `model_args` itself, so `model` must be readable at
+    the same path on every node (or be a Hub id cached there); starting it starts or joins Ray."""
+    if rollout_args.num_rollout_workers == 0:
+        return None
+    # [start:engine]
+    return RayRolloutEngine(
+        functools.partial(load_pipeline, model_args),  # picklable: each worker builds the same model
+        policy_kwargs={"max_sequence_length": model_args.max_sequence_length},  # build_policy's options
+        num_workers=rollout_args.num_rollout_workers, num_gpus_per_worker=rollout_args.num_gpus_per_worker,
+        num_reward_workers=rollout_args.num_reward_workers,  # the trainer's rewards are pickled to them
+        num_cpus_per_reward_worker=rollout_args.num_cpus_per_reward_worker,
+        weight_transport=rollout_args.weight_transport, worker_threads=rollout_args.worker_threads,
+        address=rollout_args.ray_address)  # None: a private Ray on 127.0.0.1; 'auto': the `ray start` cluster
+    # [end:engine]
+
+
+def describe_engine(engine: RayRolloutEngine | None, rollout_args: RolloutArguments) -> str:
+    """The banner's line on where the rollouts are sampled."""
+    if engine is None:
+        return "in the training process"
+    cluster = ("a private local Ray on 127.0.0.1" if engine.session.local else
+               f"the Ray cluster at {rollout_args.ray_address or 'RAY_ADDRESS'}")
+    rewards = f"{engine.num_reward_workers} reward workers" if engine.num_reward_workers else "the trainer"
+    return (f"{len(engine.workers)} Ray rollout worker(s) with {engine.num_gpus_per_worker:g} GPU each on {cluster}; "
+            f"rewards scored by {rewards}; weights sent via {engine.weight_transport}")
 
 
 class GRPORecipe:
     stage = "grpo"
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, reward_args: RewardArguments,
-                 recipe_args: RecipeArguments, config: GRPOConfig):
+                 recipe_args: RecipeArguments, config: GRPOConfig, rollout_args: RolloutArguments | None = None):
         self.model_args, self.data_args, self.reward_args = model_args, data_args, reward_args
         self.recipe_args, self.config = recipe_args, config
+        self.rollout_args = rollout_args if rollout_args is not None else RolloutArguments()
 
     def setup(self) -> None:
         self.pipe = load_pipeline(self.model_args)
@@ -35,15 +72,22 @@ class GRPORecipe:
         take_gradient_checkpointing(policy, self.config)
         rows = prompt_rows(self.data_args)
         rewards = build_rewards(self.reward_args)
-        self.counter = StepCounter()
-        self.trainer = GRPOTrainer(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
-                                   peft_config=lora_config(self.recipe_args, self.model_args), callbacks=[self.counter])
+        peft_config = lora_config(self.recipe_args, self.model_args)
         self.resume_from = resolve_resume(self.recipe_args.resume, self.config.output_dir)
+        self.counter = StepCounter()
+        self.engine = build_rollout_engine(self.rollout_args, self.model_args)
+        try:
+            self.trainer = GRPOTrainer(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
+                                       peft_config=peft_config, rollout_engine=self.engine, callbacks=[self.counter])
+        except BaseException:
+            self.close_engine()  # the workers (and a Ray started here) must not outlive a failed setup
+            raise
         print_banner(self.stage, {
             "model": describe_model(self.model_args, self.trainer.model),
             "lora": f"rank {self.recipe_args.lora_rank}" if self.recipe_args.lora_rank else "off (full weights)",
             "prompts": describe_data(self.data_args, len(rows)),
             "rewards": dict(zip(self.trainer.reward_names, self.trainer.reward_weights.tolist())),
+            "rollouts": describe_engine(self.engine, self.rollout_args),
             "hyper-parameters": settings,
             "output_dir": self.config.output_dir,
             "world size": self.config.world_size,
@@ -51,7 +95,15 @@ class GRPORecipe:
         })
 
     def train(self) -> None:
-        self.trainer.train(resume_from_checkpoint=self.resume_from)
+        try:
+            self.trainer.train(resume_from_checkpoint=self.resume_from)
+        finally:
+            self.close_engine()
+
+    def close_engine(self) -> None:
+        """Kill the Ray workers (stopping Ray only if the engine started it); nothing to do for in-process rollouts."""
+        if self.engine is not None:
+            self.engine.close()
 
     def cleanup(self) -> StageResult:
         output_dir = self.config.output_dir
@@ -66,8 +118,8 @@ class GRPORecipe:
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, reward_args: RewardArguments,
-        recipe_args: RecipeArguments, config: GRPOConfig) -> StageResult:
-    recipe = GRPORecipe(model_args, data_args, reward_args, recipe_args, config)
+        recipe_args: RecipeArguments, config: GRPOConfig, rollout_args: RolloutArguments | None = None) -> StageResult:
+    recipe = GRPORecipe(model_args, data_args, reward_args, recipe_args, config, rollout_args)
     recipe.setup()
     recipe.train()
     return recipe.cleanup()
