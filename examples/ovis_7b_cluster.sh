@@ -3,7 +3,7 @@
 # name recipes/ovis_image/ds_zero*.json relatively), in the same Python environment on every node. HEAD_ADDR is the
 # first node's address on the cluster network; NODE_RANK is 0 on it and 1, 2, 3 on the others.
 # tests/test_docs.py parses every command below with the real parsers (torchrun's, the deepspeed launcher's,
-# `ray start`'s, and the stage's own) and checks the stage configs they name.
+# `ray start`'s, and the stages' own) and checks the stage configs they name.
 exit 1
 
 # [start:torchrun_multinode]
@@ -30,9 +30,10 @@ ray start --address "$HEAD_ADDR:6379" --num-gpus 8
 # [end:ray_worker]
 
 # [start:ray_grpo]
-# first node (2 nodes: 7 + 8 rollout workers, OCR scored by 4 reward actors):
-python examples/grpo_ray_rollouts.py --config recipes/ovis_image/configs/ovis_7b_grpo.yaml --ray_address auto \
-    --num_rollout_workers 15 --num_gpus_per_worker 1 --num_reward_workers 4
+# first node, one trainer process on GPU 0 (2 nodes: 7 + 8 rollout workers, OCR scored by 4 reward actors;
+# 32 accumulation steps keep the 128 images per step of the config's 8-GPU torchrun launch):
+CUDA_VISIBLE_DEVICES=0 rlhf-image grpo --config recipes/ovis_image/configs/ovis_7b_grpo.yaml --ray_address auto \
+    --num_rollout_workers 15 --num_gpus_per_worker 1 --num_reward_workers 4 --gradient_accumulation_steps 32
 # [end:ray_grpo]
 
 # [start:ray_stop]

@@ -34,9 +34,10 @@ MARKER = re.compile(r"<!-- from (\S+?)(?:#([\w-]+))? -->")
 CLUSTER_SCRIPT = "examples/ovis_7b_cluster.sh"
 HOSTFILE = "examples/hostfile"
 MEMORY_SCRIPT = "recipes/ovis_image/memory_table.py"
+GRPO_STAGE = "recipes/ovis_image/stages/grpo.py"  # run on Ray workers through the command line below
 # The example files run by this module (each by the test named after it) and by tests/test_grpo_example.py.
 RUN_HERE = ("custom_reward.py", "served_reward.py", "flow_policy_adapter.py", "grpo_ovis_resume.py",
-            "dpo_preference_pairs.py", "grpo_ray_rollouts.py")
+            "dpo_preference_pairs.py")
 RUN_ELSEWHERE = {"grpo_lora_custom_model.py": "test_grpo_example.py"}
 # Shell placeholders of the cluster commands and the values they are parsed with.
 PLACEHOLDERS = {"$NODE_RANK": "0", "$HEAD_ADDR": "10.0.0.1"}
@@ -79,7 +80,7 @@ def exercised(path: str) -> bool:
         return name in (REPO / "tests" / RUN_ELSEWHERE[name]).read_text()
     if folder == "recipes/ovis_image/configs" and name.endswith(".yaml"):
         return "test_packaged_config_launch_line_and_fields" in (REPO / "tests" / "test_cli.py").read_text()
-    return path in (CLUSTER_SCRIPT, HOSTFILE, MEMORY_SCRIPT)
+    return path in (CLUSTER_SCRIPT, HOSTFILE, MEMORY_SCRIPT, GRPO_STAGE)
 
 
 def test_docs_exist_and_every_code_block_quotes_an_exercised_file():
@@ -271,20 +272,28 @@ TINY_STAGE = ["--model", "tiny", "--vae_path", "", "--tiny_hidden_size", "32", "
 
 
 @pytest.mark.ray
-def test_grpo_on_ray_workers_runs_the_stage_on_policy(tmp_path):
-    """The recipe's GRPO stage through a private local Ray (its own process, so Ray starts and stops with it)."""
+def test_grpo_stage_on_ray_workers_from_the_command_line_is_on_policy(tmp_path):
+    """`rlhf-image grpo --num_rollout_workers 1` (the quoted `engine` region of the stage) through a private local
+    Ray, in its own process so that Ray starts and stops with it. The importance ratio of both on-policy steps is
+    exactly 1 (`debug_ratio_check` also raises otherwise): the worker samples with the trainer's weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "grpo_ray_rollouts.py"), "--config", "tiny_grpo.yaml", *TINY_STAGE,
+        [sys.executable, "-m", "recipes.cli", "grpo", "--config", "tiny_grpo.yaml", *TINY_STAGE,
          "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-         "--num_generations", "2", "--num_inference_steps", "2", "--synthetic_num_samples", "8",
-         "--save_strategy", "no", "--log_samples_steps", "0", "--worker_threads", "1", "--debug_ratio_check", "true",
+         "--num_generations", "2", "--num_inference_steps", "2", "--height", "32", "--width", "32",
+         "--synthetic_num_samples", "8", "--save_strategy", "no", "--log_samples_steps", "0",
+         "--debug_ratio_check", "true", "--num_rollout_workers", "1", "--worker_threads", "1",
          "--output_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    ratios = "on-policy ratio (min, max) per step [(1.0, 1.0), (1.0, 1.0)]"
-    assert f"grpo on 1 Ray worker(s): 2 steps; {ratios}" in result.stdout
+    banner = (r"1 Ray rollout worker\(s\) with [01] GPU each on a private local Ray on 127\.0\.0\.1; rewards scored "
+              r"by the trainer; weights sent via object_store")  # 1 GPU where Ray finds one
+    assert re.search(rf"^  rollouts +: {banner}$", result.stdout, re.MULTILINE), result.stdout[-4000:]
+    assert f"[rlhf-image] grpo: 2 steps (2 in this run); model in {tmp_path}" in result.stdout
     record = json.loads((tmp_path / "rlhf_stage.json").read_text())
     assert record["stage"] == "grpo" and record["global_step"] == 2 and record["rewards"] == ["ocr"]
+    ratios = [(e["ratio/min"], e["ratio/max"]) for e in record["log_history"] if "ratio/max" in e]
+    assert ratios == [(1.0, 1.0), (1.0, 1.0)]
     assert (tmp_path / "transformer").is_dir() and (tmp_path / "model_index.json").is_file()
 
 
@@ -352,16 +361,16 @@ def stage_overrides(config_path: str, tmp_path: Path) -> list[str]:
     return overrides
 
 
-def check_stage(argv: list[str], tmp_path: Path) -> str:
-    """Parse `<stage> --config <yaml> [flags]` as the CLI would; returns the stage. The config's own first line must
-    launch the same stage."""
+def check_stage(argv: list[str], tmp_path: Path) -> tuple[str, tuple]:
+    """Parse `<stage> --config <yaml> [flags]` as the CLI would; returns the stage and its parsed argument groups.
+    The config's own first line must launch the same stage."""
     stage, rest = argv[0], argv[1:]
     assert stage in COMMANDS, stage
     config = rest[rest.index("--config") + 1]
     first_line = (REPO / config).read_text().splitlines()[0]
     assert f" {stage} --config {config}" in first_line, (config, first_line)
-    parse_command(stage, [*rest, *stage_overrides(config, tmp_path)])
-    return stage
+    _, parsed = parse_command(stage, [*rest, *stage_overrides(config, tmp_path)])
+    return stage, parsed
 
 
 def test_cluster_commands_parse_with_the_real_launchers(tmp_path, monkeypatch):
@@ -383,23 +392,35 @@ def test_cluster_commands_parse_with_the_real_launchers(tmp_path, monkeypatch):
             parsed = get_args_parser().parse_args(args)
             assert parsed.module and parsed.training_script == "recipes.cli"
             assert int(parsed.nnodes) * int(parsed.nproc_per_node) == 32
-            seen.append(("torchrun", check_stage(parsed.training_script_args, tmp_path)))
+            seen.append(("torchrun", check_stage(parsed.training_script_args, tmp_path)[0]))
         elif tool == "deepspeed":
             parsed = deepspeed_args(args)
             assert parsed.module and parsed.no_local_rank and parsed.user_script == "recipes.cli"
             assert Path(parsed.hostfile) == Path(HOSTFILE)
-            seen.append(("deepspeed", check_stage(parsed.user_args, tmp_path)))
+            seen.append(("deepspeed", check_stage(parsed.user_args, tmp_path)[0]))
         elif tool == "ray":
             command = ray_cli.commands[args[0]]
             context = command.make_context(f"ray {args[0]}", args[1:])
             seen.append(("ray", args[0] + (" --head" if context.params.get("head") else "")))
-        elif tool == "python" and args[0] == "examples/grpo_ray_rollouts.py":
-            config = args[args.index("--config") + 1]
-            parsed = load_example("grpo_ray_rollouts.py").parse([*args[1:], *stage_overrides(config, tmp_path)])
-            ray_args = parsed[-1]
-            assert ray_args.ray_address == "auto" and ray_args.num_rollout_workers == 15
-            seen.append(("python", "grpo on ray"))
+        elif tool == "rlhf-image":
+            import yaml
+
+            stage, (*_, grpo_config, rollout_args) = check_stage(args, tmp_path)
+            assert rollout_args.ray_address == "auto" and rollout_args.num_rollout_workers == 15
+            # One trainer process samples per step what the config's own torchrun launch (its first line) samples.
+            config_path = args[args.index("--config") + 1]
+            config = yaml.safe_load(open(REPO / config_path))
+            launch = get_args_parser().parse_args(shlex.split((REPO / config_path).read_text().splitlines()[0])[2:])
+            processes = int(launch.nnodes.split(":")[-1]) * int(launch.nproc_per_node)  # nnodes "1:1" by default
+            assert processes == 8
+            per_step = processes * config["per_device_train_batch_size"] * config["gradient_accumulation_steps"]
+            assert grpo_config.rollout_batch_size == per_step
+            # The config's header gives the same command.
+            header = " ".join(text.lstrip("#") for text in (REPO / config_path).read_text().splitlines()
+                              if text.startswith("#")).replace("\\", " ")
+            assert " ".join(line.split()) in " ".join(header.split()), f"{config_path}: header lacks {line!r}"
+            seen.append(("rlhf-image", f"{stage} on ray"))
         else:
             raise AssertionError(f"{CLUSTER_SCRIPT}: no parser for {line!r}")
     assert seen == [("torchrun", "pretrain"), ("deepspeed", "sft"), ("ray", "start --head"), ("ray", "start"),
-                    ("python", "grpo on ray"), ("ray", "stop")]
+                    ("rlhf-image", "grpo on ray"), ("ray", "stop")]
