@@ -49,6 +49,11 @@ class ModelArguments:
         default="float32",
         metadata={"help": "Weights dtype: 'float32' (master weights for bf16 mixed precision), 'bfloat16', "
                           "'float16'."})
+    frozen_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Dtype of the frozen text encoder and VAE (default: torch_dtype). 'bfloat16' with "
+                          "torch_dtype 'float32' keeps fp32 master weights for the trained transformer only and "
+                          "halves the frozen parts' memory (4.9 GiB less per GPU at 7B)."})
     max_sequence_length: int = field(
         default=256, metadata={"help": "Text tokens after the 28-token chat prefix (Ovis-Image: 256)."})
     model_seed: int = field(default=0, metadata={"help": "Seed of random initialisations (tiny model, 'random')."})
@@ -76,6 +81,9 @@ class ModelArguments:
             raise ValueError(f"transformer_init={self.transformer_init!r}; use one of {list(TRANSFORMER_INITS)}")
         if self.torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"torch_dtype={self.torch_dtype!r}; use one of {list(TORCH_DTYPES)}")
+        if self.frozen_dtype is not None and self.frozen_dtype not in TORCH_DTYPES:
+            raise ValueError(f"frozen_dtype={self.frozen_dtype!r}; use one of {list(TORCH_DTYPES)} or leave it unset "
+                             "(= torch_dtype)")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={self.max_sequence_length} must be >= 1")
         if self.model == "tiny":

@@ -54,7 +54,17 @@ class StageResult:
 # --- loading -----------------------------------------------------------------------------------------
 
 def load_pipeline(args: ModelArguments) -> OvisImagePipeline:
-    """The Ovis-Image pipeline a stage starts from (see [`ModelArguments`]), in `args.torch_dtype`."""
+    """The Ovis-Image pipeline a stage starts from (see [`ModelArguments`]), in `args.torch_dtype`, with the
+    frozen text encoder and VAE in `args.frozen_dtype` when it is set."""
+    pipe = _load_pipeline(args)
+    if args.frozen_dtype is not None:
+        frozen = DTYPES[args.frozen_dtype]
+        pipe.text_encoder.to(dtype=frozen)
+        pipe.vae.to(dtype=frozen)
+    return pipe
+
+
+def _load_pipeline(args: ModelArguments) -> OvisImagePipeline:
     dtype = DTYPES[args.torch_dtype]
     if args.model == "tiny":
         vae = _load_vae(args.vae_path, torch.float32) if args.vae_path else None
