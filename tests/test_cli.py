@@ -62,7 +62,7 @@ def test_flags_override_the_yaml_and_packaged_names_resolve():
                      "--tiny_axes_dims_rope", "4", "6", "6", "--tiny_hidden_size", "32", "--tiny_num_heads", "2"])
     assert config.learning_rate == 1e-5  # the flag
     assert config.max_steps == yaml.safe_load(open(os.path.join(CONFIG_DIR, "tiny_pretrain.yaml")))["max_steps"]
-    assert model.tiny_axes_dims_rope == [4, 6, 6] and data.synthetic_height == 48 and recipe.resume is None
+    assert model.tiny_axes_dims_rope == [4, 6, 6] and data.synthetic_height == 32 and recipe.resume is None
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
         parse_command("pretrain", ["--config", "no_such.yaml"])
 

@@ -281,7 +281,7 @@ def test_grpo_stage_on_ray_workers_from_the_command_line_is_on_policy(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "recipes.cli", "grpo", "--config", "tiny_grpo.yaml", *TINY_STAGE,
          "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-         "--num_generations", "2", "--num_inference_steps", "2", "--height", "32", "--width", "32",
+         "--num_generations", "2", "--num_inference_steps", "4", "--height", "32", "--width", "32",
          "--synthetic_num_samples", "8", "--save_strategy", "no", "--log_samples_steps", "0",
          "--debug_ratio_check", "true", "--num_rollout_workers", "1", "--worker_threads", "1",
          "--output_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -64,7 +64,7 @@ def manifest(root) -> Path:
 
 def image_data(manifest: Path, dataset_format: str = "manifest") -> list[str]:
     path = manifest if dataset_format == "manifest" else manifest.parent / "images"
-    return ["--dataset_format", dataset_format, "--dataset_path", str(path), "--resolution", str(SIZE),
+    return ["--dataset_format", dataset_format, "--dataset_path", str(path), "--buckets", f"{SIZE}x{SIZE}",
             "--per_device_train_batch_size", "4"]
 
 
@@ -155,7 +155,7 @@ def test_dpo_skips_unreadable_pairs_and_resumes(root, pretrain, pairs):
     corrupt(folder / rows[0]["chosen"])
     out = root / "dpo"
     args = ["--config", "tiny_dpo.yaml", "--model", str(pretrain[0]), "--pairs_path", str(folder),
-            "--resolution", str(SIZE), "--per_device_train_batch_size", "2", "--output_dir", str(out)]
+            "--height", str(SIZE), "--width", str(SIZE), "--per_device_train_batch_size", "2", "--output_dir", str(out)]
     result = cli("dpo", *args, *STEPS)
     assert "=== rlhf-image dpo" in result.stdout and f"{len(rows) - 1} pairs from" in result.stdout
     rec = record(out)
@@ -169,7 +169,7 @@ def test_dpo_skips_unreadable_pairs_and_resumes(root, pretrain, pairs):
 def test_a_lora_stage_hands_the_next_stage_its_fused_model(root, pretrain, pairs):
     out = root / "dpo_lora"
     assert main(["dpo", "--config", "tiny_dpo.yaml", "--model", str(pretrain[0]), "--pairs_path", str(pairs[0]),
-                 "--resolution", str(SIZE), "--per_device_train_batch_size", "2", "--max_steps", "1",
+                 "--height", str(SIZE), "--width", str(SIZE), "--per_device_train_batch_size", "2", "--max_steps", "1",
                  "--learning_rate", "1e-2", "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(out)]) == 0
     rec = record(out)
     assert rec["lora"] and rec["base_model"] == str(pretrain[0])
@@ -189,9 +189,9 @@ def test_a_lora_stage_hands_the_next_stage_its_fused_model(root, pretrain, pairs
 
 def test_grpo_with_ocr_reward_resumes(root, pretrain):
     out = root / "grpo"
-    args = ["--config", "tiny_grpo.yaml", "--model", str(pretrain[0]), "--resolution", str(SIZE),
+    args = ["--config", "tiny_grpo.yaml", "--model", str(pretrain[0]), "--height", str(SIZE), "--width", str(SIZE),
             "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--num_inference_steps", "2", "--synthetic_num_samples", "4", "--log_samples_steps", "0",
+            "--num_inference_steps", "4", "--synthetic_num_samples", "4", "--log_samples_steps", "0",
             "--output_dir", str(out)]
     result = cli("grpo", *args, *STEPS)
     assert "=== rlhf-image grpo" in result.stdout and "rewards" in result.stdout
@@ -207,7 +207,7 @@ def test_eval_scores_held_out_prompts(root, pretrain):
     out = root / "eval"
     cli("eval", "--config", "tiny_eval.yaml", "--model", str(pretrain[0]), "--synthetic_height", str(SIZE),
         "--synthetic_width", str(SIZE), "--num_prompts", "4", "--num_inference_steps", "2", "--micro_batch_size", "4",
-        "--output_dir", str(out))
+        "--guidance_scales", "1.0", "3.0", "--output_dir", str(out))
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["model_stage"] == "pretrain" and summary["model_global_step"] == 2
     samples = read_jsonl(out / "samples.jsonl")
@@ -236,3 +236,33 @@ def test_sample_matches_the_library_sampler(root, pretrain):
     assert [row["seed"] for row in read_jsonl(out / "samples.jsonl")] == [7, 8]
     assert Image.open(out / "grid.png").size == (2 * SIZE, SIZE)
     assert os.path.isfile(out / "sample_001.png")
+
+
+def test_frozen_dtype_keeps_the_transformer_in_torch_dtype():
+    """`frozen_dtype: bfloat16` with fp32 master weights: the text encoder and VAE in bf16, the trained transformer in
+    fp32, and the velocity within bf16 rounding of the all-fp32 model's (same random weights)."""
+    from recipes.ovis_image.stages.args import ModelArguments
+    from recipes.ovis_image.stages.common import build_policy, load_pipeline
+
+    sizes = dict(model="tiny", tiny_hidden_size=32, tiny_num_heads=2, tiny_axes_dims_rope=[4, 6, 6],
+                 tiny_num_single_layers=1, max_sequence_length=16)
+    with pytest.raises(ValueError, match="frozen_dtype='bf16'"):
+        ModelArguments(**sizes, frozen_dtype="bf16")
+    policies = {}
+    for frozen in (None, "bfloat16"):
+        args = ModelArguments(**sizes, frozen_dtype=frozen)
+        pipe = load_pipeline(args)
+        policies[frozen] = build_policy(pipe, args)
+    mixed = policies["bfloat16"]
+    assert {p.dtype for p in mixed.transformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in mixed.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in mixed.vae.parameters()} == {torch.bfloat16}
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for frozen, policy in policies.items():
+        latents = policy.encode_images(image)
+        cond = policy.encode_prompt(['A sign that says "2048"'])
+        outputs[frozen] = policy.predict_velocity(latents.float(), torch.tensor([0.5]), cond)
+    assert outputs["bfloat16"].dtype == torch.float32
+    error = (outputs["bfloat16"] - outputs[None]).norm() / outputs[None].norm()
+    assert 0 < error < 2e-2
