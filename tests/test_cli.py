@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_helpers import stage_overrides
 
 from recipes.cli import COMMANDS, CONFIG_DIR, main, parse_command
 from recipes.ovis_image.stages.args import RewardArguments
@@ -118,16 +119,7 @@ def test_packaged_config_launch_line_and_fields(path, tmp_path):
     config = yaml.safe_load(open(path))
     # Parse it as the command would, with only the paths that must exist on disk (and bf16, a GPU setting)
     # replaced: every key is a known field and every value passes validation.
-    overrides = []
-    if config.get("model") not in (None, "tiny", "7b"):
-        overrides += ["--model", "tiny"]
-    if config.get("vae_path") and config.get("model") in ("tiny", None):
-        overrides += ["--vae_path", ""]
-    if "pairs_path" in config:
-        (tmp_path / "manifest.jsonl").write_text("")
-        overrides += ["--pairs_path", str(tmp_path)]
-    if config.get("bf16"):
-        overrides += ["--bf16", "false", "--use_cpu", "true"]
+    overrides = stage_overrides(config, tmp_path)
     if config.get("deepspeed"):
         assert os.path.isfile(REPO / config["deepspeed"])
         overrides += ["--deepspeed", str(REPO / config["deepspeed"])]

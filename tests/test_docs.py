@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from config_helpers import stage_overrides
 from PIL import Image
 
 from recipes.cli import COMMANDS, parse_command
@@ -342,25 +344,6 @@ def commands(path: str) -> list[str]:
     return lines
 
 
-def stage_overrides(config_path: str, tmp_path: Path) -> list[str]:
-    """Flags that stand in for what a stage config names on a cluster (input folders, GPUs), as tests/test_cli.py
-    does, so that every other key and value of the config is parsed and validated here."""
-    import yaml
-
-    config = yaml.safe_load(open(REPO / config_path))
-    overrides = []
-    if config.get("model") not in (None, "tiny", "7b"):
-        overrides += ["--model", "tiny"]
-    if config.get("vae_path") and config.get("model") in ("tiny", None):
-        overrides += ["--vae_path", ""]
-    if "pairs_path" in config:
-        (tmp_path / "manifest.jsonl").write_text("")
-        overrides += ["--pairs_path", str(tmp_path)]
-    if config.get("bf16"):
-        overrides += ["--bf16", "false", "--use_cpu", "true"]
-    return overrides
-
-
 def check_stage(argv: list[str], tmp_path: Path) -> tuple[str, tuple]:
     """Parse `<stage> --config <yaml> [flags]` as the CLI would; returns the stage and its parsed argument groups.
     The config's own first line must launch the same stage."""
@@ -369,7 +352,7 @@ def check_stage(argv: list[str], tmp_path: Path) -> tuple[str, tuple]:
     config = rest[rest.index("--config") + 1]
     first_line = (REPO / config).read_text().splitlines()[0]
     assert f" {stage} --config {config}" in first_line, (config, first_line)
-    _, parsed = parse_command(stage, [*rest, *stage_overrides(config, tmp_path)])
+    _, parsed = parse_command(stage, [*rest, *stage_overrides(yaml.safe_load(open(REPO / config)), tmp_path)])
     return stage, parsed
 
 
