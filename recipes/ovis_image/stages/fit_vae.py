@@ -56,6 +56,10 @@ class FitVAERecipe:
         if model.model != "tiny":
             raise ValueError(f"fit-vae fits the tiny model's VAE, but model={model.model!r}; set model='tiny' "
                              "(the 7B recipe uses FLUX.1-schnell's VAE through vae_path)")
+        if self.data_args.dataset_format != "synthetic":
+            raise ValueError(f"fit-vae fits the tiny VAE on synthetic renders (the images the tiny recipe trains "
+                             f"on), but dataset_format={self.data_args.dataset_format!r}; use "
+                             "dataset_format='synthetic' (the synthetic_* fields set the renders)")
         self.vae = ovis_image_tiny(latent_channels=model.tiny_latent_channels,
                                    vae_block_out_channels=tuple(model.tiny_vae_block_out_channels),
                                    vae_mid_block_attention=model.tiny_vae_mid_block_attention,
