@@ -71,7 +71,6 @@ def test_flags_override_the_yaml_and_packaged_names_resolve():
 
 
 def test_lora_needs_a_base_the_next_stage_can_reload(tmp_path):
-
     with pytest.raises(ValueError, match="needs a base model that the next stage can reload"):
         run_command("pretrain", ["--config", "tiny_pretrain.yaml", "--vae_path", "", "--lora_rank", "4",
                                  "--synthetic_num_samples", "4", "--output_dir", str(tmp_path)])
