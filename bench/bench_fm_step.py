@@ -16,8 +16,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipes.ovis_image.data import TextRenderingDataset  # noqa: E402
-from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image import FlowMatchingConfig, FlowMatchingTrainer  # noqa: E402
 from rlhf_image.fm_trainer import BucketCollator  # noqa: E402
 from rlhf_image.losses import flow_matching_loss, interpolate  # noqa: E402

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImageP
 from peft import LoraConfig  # noqa: E402
 from transformers import Qwen3Config, Qwen3Model, TrainerCallback  # noqa: E402
 
-from recipes.ovis_image.model import (SCHEDULER_CONFIG, byte_level_tokenizer, ovis_image_7b_transformer,  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import (SCHEDULER_CONFIG, byte_level_tokenizer, ovis_image_7b_transformer,  # noqa: E402
                                       ovis_image_tiny)
 from rlhf_image import GRPOConfig, GRPOTrainer  # noqa: E402
 from rlhf_image.metrics import synchronize  # noqa: E402

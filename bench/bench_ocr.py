@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from rewards.ocr import OCRReward  # noqa: E402
-from rewards.text_match import normalize_text  # noqa: E402
+from rlhf_image.rewards.ocr import OCRReward  # noqa: E402
+from rlhf_image.rewards.text_match import normalize_text  # noqa: E402
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 SIZES = [(64, 256), (256, 256), (512, 512)]  # (height, width)

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image.policy import FlowPolicy  # noqa: E402
 from rlhf_image.rollout_engine import InProcessRolloutEngine, RolloutSpec  # noqa: E402
-from rollout import RayRolloutEngine  # noqa: E402
-from rollout.cluster import init_ray  # noqa: E402
+from rlhf_image.rollout import RayRolloutEngine  # noqa: E402
+from rlhf_image.rollout.cluster import init_ray  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog", "a poster that says HELLO", "a city at night"]
 # Transformer sizes for the sync table: hidden size -> (heads, rope axes, double = single blocks).

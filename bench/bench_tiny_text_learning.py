@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from recipes.ovis_image.data import TextRenderingDataset  # noqa: E402
-from recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts  # noqa: E402
-from recipes.ovis_image.model import TINY_TEXT_MAX_SEQUENCE_LENGTH, ovis_image_tiny_text  # noqa: E402
-from recipes.ovis_image.tiny_vae import fit_tiny_vae  # noqa: E402
-from rewards import OCRReward  # noqa: E402
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset  # noqa: E402
+from rlhf_image.recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import TINY_TEXT_MAX_SEQUENCE_LENGTH, ovis_image_tiny_text  # noqa: E402
+from rlhf_image.recipes.ovis_image.tiny_vae import fit_tiny_vae  # noqa: E402
+from rlhf_image.rewards import OCRReward  # noqa: E402
 from rlhf_image.losses import flow_matching_loss, interpolate  # noqa: E402
 from rlhf_image.policy import Conditioning, FlowPolicy  # noqa: E402
 from rlhf_image.schedule import calculate_shift, sample_training_sigmas  # noqa: E402

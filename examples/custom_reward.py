@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from rewards import RewardSet, call_reward
+from rlhf_image.rewards import RewardSet, call_reward
 
 
 # [start:function]
@@ -88,7 +88,7 @@ def score(mode: str = "sum_then_normalize"):
 
 def train(output_dir: str):
     """One GRPO step on the tiny Ovis-Image model with the three rewards (each logged on its own)."""
-    from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+    from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
     from rlhf_image import GRPOConfig, GRPOTrainer
     from rlhf_image.policy import FlowPolicy
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import DPOConfig, DPOTrainer, build_preference_pairs
 from rlhf_image.policy import FlowPolicy
 

@@ -1,7 +1,7 @@
 """GRPO with LoRA on an Ovis-Image model: the policy built from components, a reward that reads a dataset column,
 checkpoints, an interrupted run resumed, and the result loaded back with stock diffusers.
 
-The tiny Ovis-Image pipeline (`recipes.ovis_image.model.ovis_image_tiny`, random weights, built offline) stands in
+The tiny Ovis-Image pipeline (`rlhf_image.recipes.ovis_image.model.ovis_image_tiny`, random weights, built offline) stands in
 for `OvisImagePipeline.from_pretrained("AIDC-AI/Ovis-Image-7B")`; on the CPU this takes a few seconds.
 
     python examples/grpo_ovis_resume.py --output_dir /tmp/grpo-ovis --max_steps 3
@@ -16,7 +16,7 @@ import numpy as np
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOConfig, GRPOTrainer
 
 

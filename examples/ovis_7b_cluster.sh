@@ -9,13 +9,13 @@ exit 1
 # [start:torchrun_multinode]
 # on each of the 4 nodes, NODE_RANK=0..3 (32 GPUs):
 torchrun --nnodes 4 --nproc_per_node 8 --node_rank "$NODE_RANK" --master_addr "$HEAD_ADDR" --master_port 29500 \
-    -m recipes.cli pretrain --config recipes/ovis_image/configs/ovis_7b_pretrain_1024.yaml
+    -m rlhf_image.recipes.cli pretrain --config recipes/ovis_image/configs/ovis_7b_pretrain_1024.yaml
 # [end:torchrun_multinode]
 
 # [start:deepspeed_hostfile]
 # on the first node only; it reaches the nodes of the hostfile over passwordless ssh (pdsh):
 deepspeed --hostfile examples/hostfile --master_addr "$HEAD_ADDR" --master_port 29500 --no_local_rank \
-    --module recipes.cli sft --config recipes/ovis_image/configs/ovis_7b_sft.yaml
+    --module rlhf_image.recipes.cli sft --config recipes/ovis_image/configs/ovis_7b_sft.yaml
 # [end:deepspeed_hostfile]
 
 # [start:ray_head]

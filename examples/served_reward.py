@@ -1,4 +1,4 @@
-"""Serving a reward over HTTP and scoring through it: `rewards.server` on 127.0.0.1 with a bearer token, and the
+"""Serving a reward over HTTP and scoring through it: `rlhf_image.rewards.server` on 127.0.0.1 with a bearer token, and the
 `RemoteReward` client with a timeout, retries and a failure policy. Useful when a reward needs another environment
 (its own CUDA, packages or GPU) than the trainer.
 
@@ -7,7 +7,7 @@ so it does not show in `ps`; the client reads the same variable):
 
     # [start:cli]
     export REWARD_SERVER_TOKEN="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-    python -m rewards.server --reward examples.custom_reward:ContrastReward --host 127.0.0.1 --port 8000
+    python -m rlhf_image.rewards.server --reward examples.custom_reward:ContrastReward --host 127.0.0.1 --port 8000
     # [end:cli]
 
 In this file, the server runs in a background thread on a free port:
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 
-from rewards import RemoteReward, RemoteRewardAuthError, RemoteRewardError, RewardServer
+from rlhf_image.rewards import RemoteReward, RemoteRewardAuthError, RemoteRewardError, RewardServer
 
 from custom_reward import ContrastReward, colour_match, sample_batch  # examples/custom_reward.py, beside this file
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"after close, on_failure='none' gives {unscored} after {remote.last_attempts} attempts")
 
     # [start:mixed]
-    from rewards import RewardSet
+    from rlhf_image.rewards import RewardSet
 
     with RewardServer(ContrastReward(), token=token) as server:  # local and remote rewards compose as usual
         mixed = RewardSet([colour_match, RemoteReward(server.url, token=token, name="contrast_remote")],

@@ -19,15 +19,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ovis_imag
 
 # command -> (module holding ARGUMENTS and run(), one-line description)
 COMMANDS = {
-    "fit-vae": ("recipes.ovis_image.stages.fit_vae", "fit the tiny VAE on text renders (CPU demo)"),
-    "pretrain": ("recipes.ovis_image.stages.pretrain", "stage 1: flow matching from a random MMDiT"),
-    "sft": ("recipes.ovis_image.stages.sft", "stage 2: flow matching from the pretrained model"),
-    "build-pairs": ("recipes.ovis_image.stages.build_pairs", "stage 3a: preference pairs scored by rewards"),
-    "dpo": ("recipes.ovis_image.stages.dpo", "stage 3b: Flow-DPO (+ Diffusion-SDPO) on the pairs"),
-    "grpo": ("recipes.ovis_image.stages.grpo", "stage 4: Flow-GRPO with OCR reward and KL to the DPO model"),
-    "sample": ("recipes.ovis_image.stages.sample", "prompts -> images from a checkpoint"),
-    "eval": ("recipes.ovis_image.stages.evaluation", "held-out text-rendering metrics and a sample grid"),
-    "demo": ("recipes.ovis_image.demo", "all stages of the tiny model on the CPU, and a report"),
+    "fit-vae": ("rlhf_image.recipes.ovis_image.stages.fit_vae", "fit the tiny VAE on text renders (CPU demo)"),
+    "pretrain": ("rlhf_image.recipes.ovis_image.stages.pretrain", "stage 1: flow matching from a random MMDiT"),
+    "sft": ("rlhf_image.recipes.ovis_image.stages.sft", "stage 2: flow matching from the pretrained model"),
+    "build-pairs": ("rlhf_image.recipes.ovis_image.stages.build_pairs", "stage 3a: preference pairs scored by rewards"),
+    "dpo": ("rlhf_image.recipes.ovis_image.stages.dpo", "stage 3b: Flow-DPO (+ Diffusion-SDPO) on the pairs"),
+    "grpo": ("rlhf_image.recipes.ovis_image.stages.grpo", "stage 4: Flow-GRPO with OCR reward and KL to the DPO model"),
+    "sample": ("rlhf_image.recipes.ovis_image.stages.sample", "prompts -> images from a checkpoint"),
+    "eval": ("rlhf_image.recipes.ovis_image.stages.evaluation", "held-out text-rendering metrics and a sample grid"),
+    "demo": ("rlhf_image.recipes.ovis_image.demo", "all stages of the tiny model on the CPU, and a report"),
 }
 
 

@@ -1,7 +1,7 @@
 """Rewards for RL post-training of text-to-image models, under trl's calling contract.
 
 A reward is any callable `fn(prompts, images, **columns) -> list[float | None]` (sync or async);
-see `rewards.base`. Names are imported lazily so that `import rewards` loads neither torch,
+see `rlhf_image.rewards.base`. Names are imported lazily so that `import rlhf_image.rewards` loads neither torch,
 transformers nor rapidocr: each comes in with the first reward that needs it.
 """
 
@@ -44,7 +44,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'rewards' has no attribute {name!r}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

@@ -1,4 +1,4 @@
-"""`RemoteReward`: a reward computed by a `rewards.server` over HTTP + JSON (protocol in `rewards.remote`)."""
+"""`RemoteReward`: a reward computed by a `rlhf_image.rewards.server` over HTTP + JSON (protocol in `rlhf_image.rewards.remote`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Loading transformers' CLIP (model, image processor, tokenizer) and computing normalised embeddings.
 
-Shared by `rewards.aesthetic` and `rewards.clip_score`. Only transformers' CLIP classes are used
+Shared by `rlhf_image.rewards.aesthetic` and `rlhf_image.rewards.clip_score`. Only transformers' CLIP classes are used
 (never torchvision, timm or open_clip); the image processor uses the PIL backend, which needs no
 torchvision.
 """

@@ -121,7 +121,7 @@ class RewardSet:
     reward overlaps local scoring.
 
     Args:
-        funcs (`list`): rewards under the contract of `rewards.base` (a single reward is accepted too).
+        funcs (`list`): rewards under the contract of `rlhf_image.rewards.base` (a single reward is accepted too).
         weights (`list[float]`, *optional*): one per reward; defaults to all 1.
         mode (`str`, defaults to `"sum_then_normalize"`): how `RewardResult.total` is aggregated.
 

@@ -69,7 +69,7 @@ def _to_pil_rgb(image: Any) -> Image.Image:
 
 
 class OCRReward:
-    """Reward for rendering the requested text: `1 - d / len(g)` (see `rewards.text_match`).
+    """Reward for rendering the requested text: `1 - d / len(g)` (see `rlhf_image.rewards.text_match`).
 
     The target of each sample is the `target_column` value when it is a non-blank string, else the
     quoted span(s) of the prompt (`extract_target`). A sample with neither gets `None`; a blank

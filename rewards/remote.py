@@ -1,4 +1,4 @@
-"""The wire protocol shared by the reward server (`rewards.server`) and client (`rewards.client`).
+"""The wire protocol shared by the reward server (`rlhf_image.rewards.server`) and client (`rlhf_image.rewards.client`).
 
 HTTP + JSON, never pickle. Every request except `GET /health` carries `Authorization: Bearer <token>`.
 

@@ -1,9 +1,9 @@
-"""Serve any reward over HTTP + JSON (protocol in `rewards.remote`).
+"""Serve any reward over HTTP + JSON (protocol in `rlhf_image.rewards.remote`).
 
 Run one from the command line (the token comes from an environment variable, never the command line,
 so it does not show in `ps`):
 
-    REWARD_TOKEN=... python -m rewards.server --reward rewards.ocr:OCRReward --port 8000 --token-env REWARD_TOKEN
+    REWARD_TOKEN=... python -m rlhf_image.rewards.server --reward rlhf_image.rewards.ocr:OCRReward --port 8000 --token-env REWARD_TOKEN
 
 `--reward module:attr` names a reward object or function, or a class (instantiated with
 `--kwargs '{"use_det": false}'`). In tests use `serve_reward(reward)` as a context manager.

@@ -1,10 +1,47 @@
-from .dpo_config import DPOConfig
-from .dpo_trainer import DPOTrainer
-from .pair_builder import build_preference_pairs
-from .grpo_config import GRPOConfig
-from .grpo_trainer import GRPOTrainer
-from .rollout_engine import InProcessRolloutEngine, RolloutEngine
-from .data import (BucketBatchSampler, ImageFolderDataset, ImageTextDataset, ManifestDataset, ParquetImageDataset,
-                   TarShardDataset, make_buckets)
-from .fm_config import FlowMatchingConfig
-from .fm_trainer import FlowMatchingTrainer
+"""rlhf-image: RL and preference post-training of flow-matching text-to-image models.
+
+Everything installs under this one name: the trainers and the core here, and the subpackages
+`rlhf_image.rewards`, `rlhf_image.rollout` (Ray) and `rlhf_image.recipes` (the Ovis-Image recipe). The names
+below are imported lazily, so `import rlhf_image.rewards` loads no torch and `import rlhf_image` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "GRPOConfig": "grpo_config",
+    "GRPOTrainer": "grpo_trainer",
+    "DPOConfig": "dpo_config",
+    "DPOTrainer": "dpo_trainer",
+    "FlowMatchingConfig": "fm_config",
+    "FlowMatchingTrainer": "fm_trainer",
+    "build_preference_pairs": "pair_builder",
+    "InProcessRolloutEngine": "rollout_engine",
+    "RolloutEngine": "rollout_engine",
+    "BucketBatchSampler": "data",
+    "ImageFolderDataset": "data",
+    "ImageTextDataset": "data",
+    "ManifestDataset": "data",
+    "ParquetImageDataset": "data",
+    "TarShardDataset": "data",
+    "make_buckets": "data",
+    "Conditioning": "policy",
+    "FlowPolicy": "policy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

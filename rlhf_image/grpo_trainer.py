@@ -34,8 +34,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from rewards.base import reward_name
-from rewards.compose import aggregate
+from rlhf_image.rewards.base import reward_name
+from rlhf_image.rewards.compose import aggregate
 
 from .advantages import group_advantages
 from .grpo_config import GRPOConfig
@@ -111,7 +111,7 @@ class GRPOTrainer(Trainer):
         model ([`FlowPolicy`] or a diffusers pipeline): the policy; a pipeline (`OvisImagePipeline`,
             `FluxPipeline`) is wrapped with `FlowPolicy.from_pipeline`. Its transformer is what trains.
         reward_funcs (a callable or a list of callables): rewards `fn(prompts, images, **columns) ->
-            list[float | None]`, sync or async (see `rewards.base`); `None` means "could not score".
+            list[float | None]`, sync or async (see `rlhf_image.rewards.base`); `None` means "could not score".
         args ([`GRPOConfig`], *optional*).
         train_dataset (`datasets.Dataset` or `list[dict]`): rows with a `prompt` column; the other columns are
             passed to the rewards as keyword lists.

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rewards.compose import RewardSet
+from rlhf_image.rewards.compose import RewardSet
 
 from .data import UNREADABLE_IMAGE_ERRORS, resize_to_bucket
 from .policy import FlowPolicy
@@ -105,7 +105,7 @@ def build_preference_pairs(
         reward_funcs: rewards under the `rewards` contract, `fn(prompts, images, **columns) -> list[float | None]`.
         output_dir (`str`): the pair folder (created if missing, continued if it exists).
         reward_weights (`list[float]`, *optional*): one per reward; defaults to 1 each.
-        reward_mode (`str`, defaults to `"sum_then_normalize"`): [`rewards.compose.RewardSet`] aggregation; with
+        reward_mode (`str`, defaults to `"sum_then_normalize"`): [`rlhf_image.rewards.compose.RewardSet`] aggregation; with
             `"normalize_then_sum"` each reward is standardised over the pool and generated images of a batch.
         image_column (`str`, defaults to `"image"`), id_column (`str`, *optional*): the pool image and a stable
             id column (defaults to the zero-padded row index).

@@ -7,7 +7,7 @@ sampling, the prompt conditioning) and the raw per-reward values. The math that 
 advantages (weights, aggregation, group normalisation) stays in the trainer.
 
 [`InProcessRolloutEngine`] samples with [`~rlhf_image.sampling.generate`] on the trainer's own policy and
-scores in the same process; `rollout.RayRolloutEngine` does the same on Ray workers. An engine must not
+scores in the same process; `rlhf_image.rollout.RayRolloutEngine` does the same on Ray workers. An engine must not
 assume it shares memory with the trainer: it receives weights only through `sync_weights` and returns
 plain tensors (the trainer moves them to its device).
 """
@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from rewards.compose import RewardSet
+from rlhf_image.rewards.compose import RewardSet
 
 from .policy import FlowPolicy
 from .sampling import Trajectory, generate
@@ -110,7 +110,7 @@ class InProcessRolloutEngine:
     """The default engine: samples on the trainer's policy in this process, then scores.
 
     The policy object is shared with the trainer, so `sync_weights` only records the version. Rewards are
-    called through `rewards.compose.RewardSet`, which runs async rewards concurrently.
+    called through `rlhf_image.rewards.compose.RewardSet`, which runs async rewards concurrently.
     """
 
     def __init__(self) -> None:

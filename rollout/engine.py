@@ -3,12 +3,12 @@
     trainer = GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=dataset,
                           rollout_engine=RayRolloutEngine(functools.partial(ovis_image_tiny, seed=0), num_workers=2))
 
-Rollout workers ([`~rollout.worker.RolloutWorker`]) each hold a policy replica built from a picklable recipe
+Rollout workers ([`~rlhf_image.rollout.worker.RolloutWorker`]) each hold a policy replica built from a picklable recipe
 and sample with `rlhf_image.sampling.generate`; a batch is split by prompt group (consecutive samples with the
 same prompt, trl's layout), so a group is sampled on one worker, into tasks of one micro-batch each. Per-sample
 seeds and fixed micro-batches make every sample independent of the split: one worker, two workers or the
 in-process engine give bit-identical trajectories. Each finished task is scored at once, in the driver or on
-reward workers ([`~rollout.reward_worker.RewardWorker`]), while the other tasks are still sampling.
+reward workers ([`~rlhf_image.rollout.reward_worker.RewardWorker`]), while the other tasks are still sampling.
 
 Weights reach the workers only through `sync_weights`, which is versioned: a task carries the version it must
 be sampled with and a worker refuses any other. Only the LoRA adapter is sent when training LoRA, otherwise the
@@ -118,7 +118,7 @@ class RayRolloutEngine:
             may still be sampling with the previous version while the new weights are sent (object store only).
         max_failures (`int`, defaults to 3): worker deaths tolerated over the engine's life.
         address (`str`, *optional*): an existing Ray cluster to join (`"auto"`, `"ray://head:10001"`); by default
-            a private local instance bound to 127.0.0.1 is started (see `rollout.cluster`), unless Ray is
+            a private local instance bound to 127.0.0.1 is started (see `rlhf_image.rollout.cluster`), unless Ray is
             already initialised in this process.
         ray_init_kwargs (`dict`, *optional*): more `ray.init` arguments (`num_cpus`, `runtime_env`, ...).
         timeout_s (`float`, defaults to 1800): longest wait for one result, sync or group rendezvous.
@@ -214,7 +214,7 @@ class RayRolloutEngine:
         """Record the trainer's policy (its weights are sent at the first sync) and set up the rewards."""
         import ray
 
-        from rewards.compose import RewardSet
+        from rlhf_image.rewards.compose import RewardSet
 
         self._check_open()
         self._policy = policy

@@ -28,7 +28,7 @@ class RewardWorker:
     """
 
     def __init__(self, reward_funcs: list[Callable], build: bool = False, num_threads: int | None = None):
-        from rewards.compose import RewardSet
+        from rlhf_image.rewards.compose import RewardSet
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)

@@ -6,9 +6,9 @@ to end and cut into chunks of at most `max_chunk_bytes`; a tensor larger than a 
 chunk is one flat `uint8` tensor, so one chunk is one `ray.put` or one `broadcast`, whatever the dtypes.
 Offsets are 64-byte aligned so that a tensor inside a chunk can be viewed in its dtype without a copy.
 
-Transports (see `rollout.engine`): Ray's object store (`ray.put` of each chunk as a numpy array, which
+Transports (see `rlhf_image.rollout.engine`): Ray's object store (`ray.put` of each chunk as a numpy array, which
 workers on the node map read-only from shared memory) or a `torch.distributed` process group (trainer rank
-0, workers 1..N, one broadcast per chunk; see `rollout.collective`).
+0, workers 1..N, one broadcast per chunk; see `rlhf_image.rollout.collective`).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def trajectory_to(trajectory: Trajectory, device: torch.device | str) -> Traject
 
 
 class RolloutWorker:
-    """One policy replica (a Ray actor; see `rollout.engine.RayRolloutEngine`).
+    """One policy replica (a Ray actor; see `rlhf_image.rollout.engine.RayRolloutEngine`).
 
     Args:
         recipe (`Callable[[], FlowPolicy | DiffusionPipeline]`): builds the model; must give the trainer's

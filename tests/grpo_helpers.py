@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_flux_pipeline
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOConfig
 from rlhf_image.policy import FlowPolicy
 

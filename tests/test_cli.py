@@ -15,9 +15,9 @@ import pytest
 import yaml
 from config_helpers import stage_overrides
 
-from recipes.cli import COMMANDS, CONFIG_DIR, main, parse_command, run_command
-from recipes.ovis_image.stages.args import RewardArguments
-from recipes.ovis_image.stages.inputs import build_rewards
+from rlhf_image.recipes.cli import COMMANDS, CONFIG_DIR, main, parse_command, run_command
+from rlhf_image.recipes.ovis_image.stages.args import RewardArguments
+from rlhf_image.recipes.ovis_image.stages.inputs import build_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -103,11 +103,11 @@ def test_rewards_by_recipe_name_or_import_path():
 
 
 def _command_of(path: str) -> str:
-    """The command named by a config's first line: `# rlhf-image <cmd> ...` or `# torchrun ... recipes.cli <cmd>`."""
+    """The command named by a config's first line: `# rlhf-image <cmd> ...` or `# torchrun ... rlhf_image.recipes.cli <cmd>`."""
     first = open(path).readline()
     words = first.split()
-    assert first.startswith("# ") and ("rlhf-image" in words or "recipes.cli" in words), first
-    command = words[words.index("rlhf-image" if "rlhf-image" in words else "recipes.cli") + 1]
+    assert first.startswith("# ") and ("rlhf-image" in words or "rlhf_image.recipes.cli" in words), first
+    command = words[words.index("rlhf-image" if "rlhf-image" in words else "rlhf_image.recipes.cli") + 1]
     assert f"recipes/ovis_image/configs/{os.path.basename(path)}" in first, "the launch command names its own file"
     return command
 
@@ -131,7 +131,7 @@ def test_packaged_config_launch_line_and_fields(path, tmp_path):
 
 
 def test_demo_overrides_from_the_command_line():
-    from recipes.ovis_image.demo import override_tokens
+    from rlhf_image.recipes.ovis_image.demo import override_tokens
 
     _, (demo,) = parse_command("demo", ["--pretrain_overrides", "max_steps=600", "learning_rate=5e-4"])
     assert override_tokens(demo.pretrain_overrides) == ["--max_steps", "600", "--learning_rate", "5e-4"]
@@ -141,7 +141,7 @@ def test_demo_overrides_from_the_command_line():
 
 def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "recipes.cli", "demo", "--config", "demo_quick.yaml",
+    result = subprocess.run([sys.executable, "-m", "rlhf_image.recipes.cli", "demo", "--config", "demo_quick.yaml",
                              "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     for stage in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "eval"):

@@ -24,8 +24,8 @@ import yaml
 from config_helpers import stage_overrides
 from PIL import Image
 
-from recipes.cli import COMMANDS, parse_command
-from rewards import call_reward
+from rlhf_image.recipes.cli import COMMANDS, parse_command
+from rlhf_image.rewards import call_reward
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.sampling import generate
 
@@ -201,7 +201,7 @@ def test_served_reward_command_line_as_documented(monkeypatch):
         token = server.stdout.readline().strip().removeprefix("token=")
         assert len(token) >= 32
         assert server.stdout.readline().startswith(f"serving reward 'contrast' on http://127.0.0.1:{port}")
-        from rewards import RemoteReward
+        from rlhf_image.rewards import RemoteReward
 
         monkeypatch.syspath_prepend(str(EXAMPLES))
         from custom_reward import ContrastReward, sample_batch
@@ -281,7 +281,7 @@ def test_grpo_stage_on_ray_workers_from_the_command_line_is_on_policy(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.cli", "grpo", "--config", "tiny_grpo.yaml", *TINY_STAGE,
+        [sys.executable, "-m", "rlhf_image.recipes.cli", "grpo", "--config", "tiny_grpo.yaml", *TINY_STAGE,
          "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
          "--num_generations", "2", "--num_inference_steps", "4", "--height", "32", "--width", "32",
          "--synthetic_num_samples", "8", "--save_strategy", "no", "--log_samples_steps", "0",
@@ -302,8 +302,8 @@ def test_grpo_stage_on_ray_workers_from_the_command_line_is_on_policy(tmp_path):
 # --- the memory table ----------------------------------------------------------------------------------------------
 
 def test_memory_table_matches_the_hand_formulas_and_the_recipe_guide(capsys):
-    from recipes.ovis_image import memory_table
-    from recipes.ovis_image.model import ovis_image_7b_transformer
+    from rlhf_image.recipes.ovis_image import memory_table
+    from rlhf_image.recipes.ovis_image.model import ovis_image_7b_transformer
 
     memory_table.main()
     printed = capsys.readouterr().out.strip("\n")
@@ -373,12 +373,12 @@ def test_cluster_commands_parse_with_the_real_launchers(tmp_path, monkeypatch):
         tool, args = words[0], words[1:]
         if tool == "torchrun":
             parsed = get_args_parser().parse_args(args)
-            assert parsed.module and parsed.training_script == "recipes.cli"
+            assert parsed.module and parsed.training_script == "rlhf_image.recipes.cli"
             assert int(parsed.nnodes) * int(parsed.nproc_per_node) == 32
             seen.append(("torchrun", check_stage(parsed.training_script_args, tmp_path)[0]))
         elif tool == "deepspeed":
             parsed = deepspeed_args(args)
-            assert parsed.module and parsed.no_local_rank and parsed.user_script == "recipes.cli"
+            assert parsed.module and parsed.no_local_rank and parsed.user_script == "rlhf_image.recipes.cli"
             assert Path(parsed.hostfile) == Path(HOSTFILE)
             seen.append(("deepspeed", check_stage(parsed.user_args, tmp_path)[0]))
         elif tool == "ray":

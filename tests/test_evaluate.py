@@ -7,10 +7,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from recipes.ovis_image.data import TextRenderingDataset, split_of
-from recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts, score_text_images
-from rewards import AestheticMLP, AestheticReward, CLIPScore, OCRReward
-from rewards.text_match import extract_target
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset, split_of
+from rlhf_image.recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts, score_text_images
+from rlhf_image.rewards import AestheticMLP, AestheticReward, CLIPScore, OCRReward
+from rlhf_image.rewards.text_match import extract_target
 from rlhf_image.policy import Conditioning, FlowPolicy, pack_latents, pil_to_tensor
 
 SIZE = (32, 96)

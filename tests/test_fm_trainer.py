@@ -12,7 +12,7 @@ import torch
 from diffusers import OvisImageTransformer2DModel
 from transformers import TrainerCallback
 
-from recipes.ovis_image.model import ovis_image_tiny
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny
 from rlhf_image.data import ManifestDataset, nearest_bucket
 from rlhf_image.fm_config import FlowMatchingConfig
 from rlhf_image.fm_trainer import BucketCollator, FlowMatchingTrainer, noise_seed

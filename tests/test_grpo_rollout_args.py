@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
-from recipes.cli import main, parse_command
-from recipes.ovis_image.stages import grpo
-from recipes.ovis_image.stages.args import RolloutArguments
+from rlhf_image.recipes.cli import main, parse_command
+from rlhf_image.recipes.ovis_image.stages import grpo
+from rlhf_image.recipes.ovis_image.stages.args import RolloutArguments
 
 TINY = ["--config", "tiny_grpo.yaml", "--model", "tiny", "--vae_path", ""]
 RAY_FLAGS = ["--ray_address", "--num_gpus_per_worker", "--num_reward_workers", "--num_cpus_per_reward_worker",

@@ -6,7 +6,7 @@ from grpo_helpers import LORA_TARGETS, brightness, dataset, flux_policy, ovis_po
 from peft import LoraConfig
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_flux_pipeline
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 
 from rlhf_image import GRPOTrainer
 from rlhf_image.model_io import LORA_WEIGHT_NAME

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from recipes.ovis_image.model import ovis_image_7b, ovis_image_7b_transformer
+from rlhf_image.recipes.ovis_image.model import ovis_image_7b, ovis_image_7b_transformer
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.sampling import generate
 

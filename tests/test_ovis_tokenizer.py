@@ -4,7 +4,7 @@ user prompt survives a short `max_sequence_length`."""
 import pytest
 import torch
 
-from recipes.ovis_image.model import (OVIS_SYSTEM_PROMPT_PIECES, TINY_TEXT_MAX_SEQUENCE_LENGTH, byte_level_tokenizer,
+from rlhf_image.recipes.ovis_image.model import (OVIS_SYSTEM_PROMPT_PIECES, TINY_TEXT_MAX_SEQUENCE_LENGTH, byte_level_tokenizer,
                                       ovis_image_tiny, ovis_image_tiny_text, ovis_prefix_tokenizer)
 from rlhf_image.policy import FlowPolicy
 

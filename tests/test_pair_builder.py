@@ -42,7 +42,7 @@ def make_policy() -> FlowPolicy:
 @pytest.fixture(scope="module")
 def ocr():
     pytest.importorskip("rapidocr")
-    from rewards import OCRReward
+    from rlhf_image.rewards import OCRReward
 
     return OCRReward(num_threads=1)
 

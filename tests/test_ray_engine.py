@@ -16,13 +16,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rewards.compose import RewardSet
+from rlhf_image.rewards.compose import RewardSet
 from rlhf_image.policies import OvisImagePolicy
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.rollout_engine import RolloutSpec
 from rlhf_image.sampling import generate, transition_log_prob
-from rollout import RayRolloutEngine, RolloutWorkerError
-from rollout.cluster import init_ray
+from rlhf_image.rollout import RayRolloutEngine, RolloutWorkerError
+from rlhf_image.rollout.cluster import init_ray
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_ovis_pipeline
 
 pytestmark = pytest.mark.ray

@@ -13,11 +13,11 @@ from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy,
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOTrainer
 from rlhf_image.policies import OvisImagePolicy
-from rollout import RayRolloutEngine, RolloutWorkerError
-from rollout.cluster import init_ray
+from rlhf_image.rollout import RayRolloutEngine, RolloutWorkerError
+from rlhf_image.rollout.cluster import init_ray
 
 pytestmark = pytest.mark.ray
 

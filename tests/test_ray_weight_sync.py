@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhf_image.policy import FlowPolicy
-from rollout.engine import split_by_group
-from rollout.weight_sync import (StateAssembler, StateLoader, ensure_adapter, iter_chunks, pack_chunk, plan_chunks,
+from rlhf_image.rollout.engine import split_by_group
+from rlhf_image.rollout.weight_sync import (StateAssembler, StateLoader, ensure_adapter, iter_chunks, pack_chunk, plan_chunks,
                                  trainable_state)
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_ovis_pipeline
 

@@ -1,4 +1,4 @@
-"""Every stage of the Ovis-Image recipe through the real command line (`python -m recipes.cli <stage>`) on a tiny
+"""Every stage of the Ovis-Image recipe through the real command line (`python -m rlhf_image.recipes.cli <stage>`) on a tiny
 model for a few steps: banner, stage record, resume with `--resume latest`, and unreadable images skipped and
 counted by every stage that reads images. One pretrain checkpoint is shared by the other stage tests."""
 
@@ -16,9 +16,9 @@ import torch
 from diffusers import OvisImagePipeline
 from PIL import Image
 
-from recipes.cli import main
-from recipes.ovis_image.data import TextRenderingDataset, split_of
-from recipes.ovis_image.stages.common import load_stage_output
+from rlhf_image.recipes.cli import main
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset, split_of
+from rlhf_image.recipes.ovis_image.stages.common import load_stage_output
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.preference_data import read_jsonl
 from rlhf_image.sampling import generate
@@ -32,7 +32,7 @@ STEPS = ["--max_steps", "2", "--save_steps", "1", "--logging_steps", "1"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "recipes.cli", *args], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "rlhf_image.recipes.cli", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     return result
@@ -241,8 +241,8 @@ def test_sample_matches_the_library_sampler(root, pretrain):
 def test_frozen_dtype_keeps_the_transformer_in_torch_dtype():
     """`frozen_dtype: bfloat16` with fp32 master weights: the text encoder and VAE in bf16, the trained transformer in
     fp32, and the velocity within bf16 rounding of the all-fp32 model's (same random weights)."""
-    from recipes.ovis_image.stages.args import ModelArguments
-    from recipes.ovis_image.stages.common import build_policy, load_pipeline
+    from rlhf_image.recipes.ovis_image.stages.args import ModelArguments
+    from rlhf_image.recipes.ovis_image.stages.common import build_policy, load_pipeline
 
     sizes = dict(model="tiny", tiny_hidden_size=32, tiny_num_heads=2, tiny_axes_dims_rope=[4, 6, 6],
                  tiny_num_single_layers=1, max_sequence_length=16)

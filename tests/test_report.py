@@ -10,7 +10,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from recipes.ovis_image.report import curve, write_report
+from rlhf_image.recipes.ovis_image.report import curve, write_report
 
 METRICS = {"pretrain": (0.25, 0.5), "sft": (0.5, 0.3125), "dpo": (0.625, 0.25), "grpo": (0.75, 0.125)}
 

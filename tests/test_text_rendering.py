@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from recipes.ovis_image.data import (CAPTION_TEMPLATES, SIMPLE_TEMPLATE, TextRenderingDataset, discover_fonts,
+from rlhf_image.recipes.ovis_image.data import (CAPTION_TEMPLATES, SIMPLE_TEMPLATE, TextRenderingDataset, discover_fonts,
                                      split_of)
 from rlhf_image.data import ManifestDataset
 
@@ -109,8 +109,8 @@ def test_ocr_reads_the_renders(mode, vocabulary, size):
     """The rewards package's OCR reads the renders exactly (reward 1.0): the data is legible to the reward
     that GRPO will optimise."""
     pytest.importorskip("rapidocr")
-    from rewards.ocr import OCRReward
-    from rewards.text_match import normalize_text
+    from rlhf_image.rewards.ocr import OCRReward
+    from rlhf_image.rewards.text_match import normalize_text
 
     dataset = TextRenderingDataset(6, mode=mode, vocabulary=vocabulary, image_size=size, min_length=1, max_length=2)
     items = [dataset[i] for i in range(6)]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from recipes.ovis_image.data import TextRenderingDataset
-from recipes.ovis_image.model import ovis_image_tiny
-from recipes.ovis_image.tiny_vae import (fit_tiny_vae, latent_modes, reconstruct, reconstruction_loss,
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny
+from rlhf_image.recipes.ovis_image.tiny_vae import (fit_tiny_vae, latent_modes, reconstruct, reconstruction_loss,
                                          set_latent_normalization)
 from rlhf_image.policy import FlowPolicy, pil_to_tensor, tensor_to_pil
 
@@ -66,8 +66,8 @@ def test_fit_is_deterministic_and_validates_arguments():
 
 @pytest.mark.slow
 def test_fitted_vae_reconstructions_read_as_well_as_the_originals():
-    from recipes.ovis_image.evaluate import score_text_images
-    from rewards import OCRReward
+    from rlhf_image.recipes.ovis_image.evaluate import score_text_images
+    from rlhf_image.rewards import OCRReward
 
     vae = tiny_vae()
     result = fit_tiny_vae(vae, renders(512), num_steps=300, batch_size=32, learning_rate=3e-3)

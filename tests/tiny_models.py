@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from recipes.ovis_image.model import SCHEDULER_CONFIG, ovis_image_tiny
+from rlhf_image.recipes.ovis_image.model import SCHEDULER_CONFIG, ovis_image_tiny
 
 # Text sequence length of the tiny pipelines: short, so tests stay fast.
 MAX_SEQUENCE_LENGTH = 16

@@ -9,7 +9,7 @@ would run it (same parser, same stage function), with the stage folders chained 
     fit-vae -> vae/        pretrain -> pretrain/   sft -> sft/   build-pairs -> pairs/   dpo -> dpo/   grpo -> grpo/
 
 After pretrain, sft, dpo and grpo, `rlhf-image eval` scores the model on held-out prompts (eval/<stage>/);
-then `recipes.ovis_image.report` writes report/ (HTML, markdown, plots). The sizes, steps and learning rates
+then `rlhf_image.recipes.ovis_image.report` writes report/ (HTML, markdown, plots). The sizes, steps and learning rates
 live in the tiny YAMLs; `<stage>_overrides` change them for one run (the budget knob; demo_quick.yaml uses
 it). A rerun reuses finished stages (`reuse_finished`) and resumes an interrupted training stage from its
 newest checkpoint.
@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from recipes.cli import CONFIG_DIR, run_command
+from rlhf_image.recipes.cli import CONFIG_DIR, run_command
 
 from .report import EVALUATED, write_report
 from .stages.common import STAGE_RECORD

@@ -6,12 +6,12 @@ prompt with the ODE sampler (fixed seeds, so two checkpoints are compared on the
 each image once, and from that reading come:
 
 - exact match (CVTG-2K's word accuracy for single-word targets): `normalize(ocr) == normalize(target)`,
-  with `rewards.normalize_text` (lowercase, whitespace removed);
-- NED: `levenshtein(p, g) / max(len(p), len(g))` on the normalised strings (`rewards.normalized_edit_distance`);
-- the OCR reward of training (`rewards.ocr_accuracy`: 1 if the target is inside the reading, else
+  with `rlhf_image.rewards.normalize_text` (lowercase, whitespace removed);
+- NED: `levenshtein(p, g) / max(len(p), len(g))` on the normalised strings (`rlhf_image.rewards.normalized_edit_distance`);
+- the OCR reward of training (`rlhf_image.rewards.ocr_accuracy`: 1 if the target is inside the reading, else
   `1 - min(lev, len(g)) / len(g)`);
 
-and, when reward objects are passed (e.g. `rewards.AestheticReward`, `rewards.CLIPScore`), their mean score.
+and, when reward objects are passed (e.g. `rlhf_image.rewards.AestheticReward`, `rlhf_image.rewards.CLIPScore`), their mean score.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import PIL.Image
 import PIL.ImageDraw
 
-from rewards import OCRReward
-from rewards.base import RewardFunc, call_reward, reward_name
-from rewards.text_match import normalize_text, normalized_edit_distance, ocr_accuracy
+from rlhf_image.rewards import OCRReward
+from rlhf_image.rewards.base import RewardFunc, call_reward, reward_name
+from rlhf_image.rewards.text_match import normalize_text, normalized_edit_distance, ocr_accuracy
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.sampling import generate
 
@@ -95,7 +95,7 @@ def score_text_images(
     Args:
         images (`list[PIL.Image.Image]` of length N).
         targets (`list[str]` of length N): non-blank target strings.
-        ocr ([`rewards.OCRReward`]): reads each image once (recognition-only mode suits tight
+        ocr ([`rlhf_image.rewards.OCRReward`]): reads each image once (recognition-only mode suits tight
             single-line renders).
         prompts (`list[str]`, *optional*): passed to the extra rewards; defaults to the targets.
         rewards (`list` of reward callables, defaults to `()`): extra scores, called under the reward
@@ -143,7 +143,7 @@ def evaluate_text_rendering(
         policy ([`FlowPolicy`]).
         prompts, targets (`list[str]` of length N): prompts quoting their target strings.
         seeds (`list[int]` of length N).
-        ocr ([`rewards.OCRReward`]).
+        ocr ([`rlhf_image.rewards.OCRReward`]).
         height, width (`int`, default 32 x 96): image size in pixels.
         num_steps (`int`, defaults to 20): Euler steps.
         guidance_scale (`float`, defaults to 1.0): true CFG scale (1 = no CFG).

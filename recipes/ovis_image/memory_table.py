@@ -1,7 +1,7 @@
 """GPU memory per device for full-weight training of the 7.37B Ovis-Image MMDiT under DeepSpeed ZeRO-2 and ZeRO-3,
 from DeepSpeed's own estimators, next to the hand formulas, plus the frozen parts every GPU holds.
 
-    python -m recipes.ovis_image.memory_table
+    python -m rlhf_image.recipes.ovis_image.memory_table
 
 Model states only (bf16 parameters and gradients, fp32 master weights and Adam moments, no offload): activations
 come on top and depend on resolution, batch size and gradient checkpointing. The transformer is built on the meta
@@ -33,7 +33,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 def transformer_params() -> tuple[int, int]:
     """`(total, largest_layer)` parameters of the 7B MMDiT: all parameters (each counted once), and the most held
     directly by one module (what ZeRO-3 gathers at once for one layer; DeepSpeed's definition)."""
-    from recipes.ovis_image.model import ovis_image_7b_transformer
+    from rlhf_image.recipes.ovis_image.model import ovis_image_7b_transformer
 
     model = ovis_image_7b_transformer(device="meta")
     total = sum({id(p): p.numel() for p in model.parameters()}.values())

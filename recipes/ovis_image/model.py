@@ -138,7 +138,7 @@ def ovis_image_tiny_text(seed: int = 0) -> OvisImagePipeline:
       RoPE axes (4, 14, 14); 2x2-packed 4-channel latents (16 input channels).
     - `AutoencoderKL`: 2 blocks of 8 and 16 channels (2x downsampling: 32x96 pixels -> 16x48 latents ->
       192 tokens), 4 latent channels, no mid-block attention. Random: fit it with
-      `recipes.ovis_image.tiny_vae.fit_tiny_vae` on the training renders before use.
+      `rlhf_image.recipes.ovis_image.tiny_vae.fit_tiny_vae` on the training renders before use.
     - `Qwen3Model` text encoder: 2 layers of width 32, frozen at its random initialisation (as the real
       encoder is frozen); [`ovis_prefix_tokenizer`]. Use `max_sequence_length=TINY_TEXT_MAX_SEQUENCE_LENGTH`.
     """

@@ -41,7 +41,7 @@ def render():
 def ocr_det():
     """Detection + recognition (the default mode); built once per test session."""
     pytest.importorskip("rapidocr")
-    from rewards import OCRReward
+    from rlhf_image.rewards import OCRReward
 
     return OCRReward(num_threads=2)
 
@@ -50,7 +50,7 @@ def ocr_det():
 def ocr_rec():
     """Recognition only, for single-line images."""
     pytest.importorskip("rapidocr")
-    from rewards import OCRReward
+    from rlhf_image.rewards import OCRReward
 
     return OCRReward(use_det=False, num_threads=2)
 

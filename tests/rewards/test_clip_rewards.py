@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rewards import AestheticMLP, AestheticReward, CLIPScore, PickScore  # noqa: E402
+from rlhf_image.rewards import AestheticMLP, AestheticReward, CLIPScore, PickScore  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog", "a red cat", "text 42", "a blue dog"]
 

@@ -15,7 +15,7 @@ import pickle
 import pytest
 from PIL import Image
 
-from rewards import OCRReward, RewardSet, levenshtein
+from rlhf_image.rewards import OCRReward, RewardSet, levenshtein
 
 HELLO_ZH = "\u4f60\u597d\u4e16\u754c"  # "hello world"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rewards import extract_target, levenshtein, normalize_text, normalized_edit_distance, ocr_accuracy
+from rlhf_image.rewards import extract_target, levenshtein, normalize_text, normalized_edit_distance, ocr_accuracy
 
 
 @pytest.mark.parametrize("prompt, target", [

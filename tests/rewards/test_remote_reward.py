@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rewards import RemoteReward, RemoteRewardAuthError, RemoteRewardError, RewardSet, serve_reward
-from rewards.remote import encode_image
+from rlhf_image.rewards import RemoteReward, RemoteRewardAuthError, RemoteRewardError, RewardSet, serve_reward
+from rlhf_image.rewards.remote import encode_image
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(timeout=0.3, backoff=0.01, backoff_max=0.02)  # keep failure tests quick
@@ -246,7 +246,7 @@ def test_client_argument_checks(server, monkeypatch):
 
 def test_command_line_server():
     env = {**os.environ, "MY_TOKEN": "cli-token", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "rewards.server", "--reward", "rewards.ocr:OCRReward",
+    command = [sys.executable, "-m", "rlhf_image.rewards.server", "--reward", "rlhf_image.rewards.ocr:OCRReward",
                "--kwargs", '{"use_det": false, "num_threads": 1}', "--port", "0", "--token-env", "MY_TOKEN"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

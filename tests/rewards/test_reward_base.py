@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from rewards import call_reward, is_async_reward, reward_name
+from rlhf_image.rewards import call_reward, is_async_reward, reward_name
 
 PROMPTS = ["a", "b", "c"]
 IMAGES = [None, None, None]  # the contract does not look at images; these rewards ignore them
@@ -128,7 +128,7 @@ def test_misaligned_inputs():
 
 
 def test_import_rewards_is_light():
-    code = ("import sys, rewards; "
+    code = ("import sys, rlhf_image.rewards as rewards; "
             "rewards.RewardSet; rewards.extract_target; rewards.RemoteReward; rewards.serve_reward; "
             "heavy = [m for m in ('torch', 'transformers', 'rapidocr', 'onnxruntime') if m in sys.modules]; "
             "assert not heavy, heavy")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from rewards import RewardSet, aggregate
+from rlhf_image.rewards import RewardSet, aggregate
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 IMAGES = [None] * 4

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from launch import init_process_group_from_env  # noqa: E402
 
-from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image.dpo_config import DPOConfig  # noqa: E402
 from rlhf_image.dpo_trainer import DPOTrainer  # noqa: E402
 from rlhf_image.policy import FlowPolicy  # noqa: E402

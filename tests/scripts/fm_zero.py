@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from launch import init_process_group_from_env  # noqa: E402
 
-from recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny  # noqa: E402
 from rlhf_image.fm_config import FlowMatchingConfig  # noqa: E402
 from rlhf_image.fm_trainer import FlowMatchingTrainer  # noqa: E402
 from rlhf_image.policy import FlowPolicy  # noqa: E402

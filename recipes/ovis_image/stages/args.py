@@ -12,9 +12,9 @@ import importlib.util
 import os
 from dataclasses import dataclass, field, fields
 
-from recipes.ovis_image.data import VOCABULARIES
-from recipes.ovis_image.model import OVIS_IMAGE_7B_HUB_ID
-from rollout.engine import TRANSPORTS
+from rlhf_image.recipes.ovis_image.data import VOCABULARIES
+from rlhf_image.recipes.ovis_image.model import OVIS_IMAGE_7B_HUB_ID
+from rlhf_image.rollout.engine import TRANSPORTS
 
 DATASET_FORMATS = ("synthetic", "folder", "manifest", "parquet", "tar")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -57,7 +57,7 @@ class ModelArguments:
     max_sequence_length: int = field(
         default=256, metadata={"help": "Text tokens after the 28-token chat prefix (Ovis-Image: 256)."})
     model_seed: int = field(default=0, metadata={"help": "Seed of random initialisations (tiny model, 'random')."})
-    # The tiny model; the defaults are the sizes of `recipes.ovis_image.model.ovis_image_tiny_text` (measured).
+    # The tiny model; the defaults are the sizes of `rlhf_image.recipes.ovis_image.model.ovis_image_tiny_text` (measured).
     tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny MMDiT width."})
     tiny_num_heads: int = field(default=4, metadata={"help": "Tiny MMDiT attention heads."})
     tiny_num_layers: int = field(default=1, metadata={"help": "Tiny MMDiT double-stream blocks."})
@@ -105,7 +105,7 @@ class ModelArguments:
 class DataArguments:
     """Where images (pretrain, sft, the pair pool) or prompts (grpo, eval) come from.
 
-    `dataset_format="synthetic"` renders text images on the fly (`recipes.ovis_image.data`); the file formats
+    `dataset_format="synthetic"` renders text images on the fly (`rlhf_image.recipes.ovis_image.data`); the file formats
     read `dataset_path` with `rlhf_image.data` (unreadable images are skipped and counted).
     """
 
@@ -166,7 +166,7 @@ class RecipeArguments:
 
 @dataclass
 class RewardArguments:
-    """Reward functions: names of `recipes.ovis_image.stages.common.RECIPE_REWARDS` or `module:attr` paths."""
+    """Reward functions: names of `rlhf_image.recipes.ovis_image.stages.common.RECIPE_REWARDS` or `module:attr` paths."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["ocr"],
@@ -206,7 +206,7 @@ class PairDataArguments:
 @dataclass
 class RolloutArguments:
     """Where the GRPO stage samples its rollouts: in its training process (`num_rollout_workers=0`, the default)
-    or on `num_rollout_workers` Ray actors of a `rollout.RayRolloutEngine`, each of which builds the stage's input
+    or on `num_rollout_workers` Ray actors of a `rlhf_image.rollout.RayRolloutEngine`, each of which builds the stage's input
     model itself; only the trainable weights (the adapter with `lora_rank > 0`) travel at each weight sync.
 
     The Ray engine serves one trainer process: launch the stage without `torchrun`/`deepspeed`, so one step samples

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, OvisImagePipeline
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image.model_io import is_lora, load_lora
 from rlhf_image.policy import FlowPolicy
 

@@ -1,7 +1,7 @@
 """`rlhf-image eval`: a checkpoint on held-out text-rendering prompts (strings of the generator's `"eval"`
 split, never trained on): OCR word accuracy (exact), NED, the OCR reward, and the mean of any other reward
 named in `reward_funcs`, at each CFG scale; written as `metrics.json`, `samples.jsonl` and one annotated
-grid per scale (`recipes.ovis_image.evaluate`).
+grid per scale (`rlhf_image.recipes.ovis_image.evaluate`).
 
     rlhf-image eval --config recipes/ovis_image/configs/tiny_eval.yaml --model outputs/ovis_tiny/sft
 """
@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-from recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts
+from rlhf_image.recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts
 
 from .args import DataArguments, ModelArguments, RewardArguments
 from .common import StageResult, describe_model, inference_policy, print_banner, read_stage_record, write_stage_record

@@ -2,7 +2,7 @@
 
 The 7B recipe uses FLUX.1-schnell's pretrained VAE; no pretrained weights can be downloaded for the CPU demo,
 and a random autoencoder cannot represent images, so this stage fits one with
-`recipes.ovis_image.tiny_vae.fit_tiny_vae` and saves it (a diffusers `AutoencoderKL` folder) for the
+`rlhf_image.recipes.ovis_image.tiny_vae.fit_tiny_vae` and saves it (a diffusers `AutoencoderKL` folder) for the
 `vae_path` of the later stages.
 
     rlhf-image fit-vae --config recipes/ovis_image/configs/tiny_fit_vae.yaml
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recipes.ovis_image.model import ovis_image_tiny
-from recipes.ovis_image.tiny_vae import fit_tiny_vae, reconstruct
+from rlhf_image.recipes.ovis_image.model import ovis_image_tiny
+from rlhf_image.recipes.ovis_image.tiny_vae import fit_tiny_vae, reconstruct
 from rlhf_image.metrics import image_grid
 from rlhf_image.policy import pil_to_tensor, tensor_to_pil
 

@@ -5,7 +5,7 @@ disabled with LoRA), as in the Ovis-Image report.
     rlhf-image grpo --config recipes/ovis_image/configs/tiny_grpo.yaml
 
 The rollouts are sampled in the training process(es), or with `--num_rollout_workers N` on N Ray workers
-(`rollout.RayRolloutEngine`, see [`RolloutArguments`]): a private local Ray on 127.0.0.1, or with
+(`rlhf_image.rollout.RayRolloutEngine`, see [`RolloutArguments`]): a private local Ray on 127.0.0.1, or with
 `--ray_address auto` the cluster of `ray start` (examples/ovis_7b_cluster.sh).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 from rlhf_image import GRPOConfig, GRPOTrainer
-from rollout import RayRolloutEngine
+from rlhf_image.rollout import RayRolloutEngine
 
 from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments, RolloutArguments
 from .common import (StageResult, StepCounter, build_policy, describe_model, load_pipeline, lora_config,

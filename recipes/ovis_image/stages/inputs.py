@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from recipes.ovis_image.data import TextRenderingDataset
+from rlhf_image.recipes.ovis_image.data import TextRenderingDataset
 from rlhf_image.data import (UNREADABLE_IMAGE_ERRORS, ImageFolderDataset, ImageTextDataset, ManifestDataset,
                              ParquetImageDataset, TarShardDataset, open_image)
 from rlhf_image.preference_data import PreferencePairDataset, read_jsonl
@@ -25,25 +25,25 @@ logger = logging.getLogger(__name__)
 
 
 def _ocr(args: RewardArguments):
-    from rewards import OCRReward
+    from rlhf_image.rewards import OCRReward
 
     return OCRReward(use_det=args.ocr_detection, num_threads=args.reward_threads)
 
 
 def _aesthetic(args: RewardArguments):
-    from rewards import AestheticReward
+    from rlhf_image.rewards import AestheticReward
 
     return AestheticReward(args.aesthetic_mlp, args.clip_model)
 
 
 def _clip(args: RewardArguments):
-    from rewards import CLIPScore
+    from rlhf_image.rewards import CLIPScore
 
     return CLIPScore(args.clip_model)
 
 
 def _pickscore(args: RewardArguments):
-    from rewards import PickScore
+    from rlhf_image.rewards import PickScore
 
     return PickScore(args.pickscore_model)
 

@@ -2,7 +2,7 @@
 (the text encoder and VAE frozen), as the Ovis-Image report describes; the SFT stage reuses this recipe.
 
     rlhf-image pretrain --config recipes/ovis_image/configs/tiny_pretrain.yaml
-    torchrun --nproc_per_node 8 -m recipes.cli pretrain --config recipes/ovis_image/configs/ovis_7b_pretrain_256.yaml
+    torchrun --nproc_per_node 8 -m rlhf_image.recipes.cli pretrain --config recipes/ovis_image/configs/ovis_7b_pretrain_256.yaml
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ARGUMENTS = (ModelArguments, DataArguments, RecipeArguments, FlowMatchingConfig)
 
 
 class FlowMatchingRecipe:
-    """Pretraining (and, as [`~recipes.ovis_image.stages.sft.SFTRecipe`], supervised fine-tuning) with
+    """Pretraining (and, as [`~rlhf_image.recipes.ovis_image.stages.sft.SFTRecipe`], supervised fine-tuning) with
     [`rlhf_image.FlowMatchingTrainer`]."""
 
     stage = "pretrain"

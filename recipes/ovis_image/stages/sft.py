@@ -2,7 +2,7 @@
 output folder, or a released checkpoint), on a curated high-resolution set; optionally LoRA.
 
     rlhf-image sft --config recipes/ovis_image/configs/tiny_sft.yaml
-    torchrun --nproc_per_node 8 -m recipes.cli sft --config recipes/ovis_image/configs/ovis_7b_sft.yaml
+    torchrun --nproc_per_node 8 -m rlhf_image.recipes.cli sft --config recipes/ovis_image/configs/ovis_7b_sft.yaml
 """
 
 from __future__ import annotations
