@@ -46,11 +46,11 @@ class SD3Policy(FlowPolicy):
                                                        max_sequence_length=self.max_sequence_length)
         return Conditioning(embeds, pooled)
 
-    def _transformer_forward(self, tokens, sigma, cond, height, width):
+    def _transformer_forward(self, transformer, tokens, sigma, cond, height, width):
         latents = unpack_latents(tokens, height, width)  # SD3 takes [B, C, h, w] and patchifies inside
-        velocity = self.transformer(hidden_states=latents, timestep=sigma * 1000,  # SD3 expects t in [0, 1000]
-                                    encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
-                                    pooled_projections=cond.pooled_prompt_embeds.to(self.dtype), return_dict=False)[0]
+        velocity = transformer(hidden_states=latents, timestep=sigma * 1000,  # SD3 expects t in [0, 1000]
+                               encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
+                               pooled_projections=cond.pooled_prompt_embeds.to(self.dtype), return_dict=False)[0]
         return pack_latents(velocity)
 # [end:adapter]
 

@@ -53,11 +53,11 @@ class OvisImagePolicy(FlowPolicy):
         hidden = hidden * mask[..., None]
         return Conditioning(hidden[:, self.user_prompt_begin_id:].to(self.device))
 
-    def _transformer_forward(self, tokens, sigma, cond, height, width):
+    def _transformer_forward(self, transformer, tokens, sigma, cond, height, width):
         num_text = cond.prompt_embeds.shape[1]
         text_ids = torch.zeros(num_text, 3)
         text_ids[:, 1] = text_ids[:, 2] = torch.arange(num_text, dtype=torch.float32)
-        return self.transformer(
+        return transformer(
             hidden_states=tokens,
             timestep=sigma,
             encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
@@ -103,12 +103,12 @@ class FluxPolicy(FlowPolicy):
         embeds = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
         return Conditioning(embeds.to(self.device), pooled.to(self.device))
 
-    def _transformer_forward(self, tokens, sigma, cond, height, width):
+    def _transformer_forward(self, transformer, tokens, sigma, cond, height, width):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((tokens.shape[0],), self.distilled_guidance_scale, device=tokens.device,
                                   dtype=torch.float32)
-        return self.transformer(
+        return transformer(
             hidden_states=tokens,
             timestep=sigma,
             guidance=guidance,

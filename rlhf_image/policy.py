@@ -104,9 +104,10 @@ class FlowPolicy(ABC):
         """Text conditioning for `prompts`, exactly as the family's diffusers pipeline computes it."""
 
     @abstractmethod
-    def _transformer_forward(self, tokens: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                             height: int, width: int) -> torch.Tensor:
-        """One transformer call on packed `tokens` `[B, L, C']` at noise level `sigma` `[B]`."""
+    def _transformer_forward(self, transformer: torch.nn.Module, tokens: torch.Tensor, sigma: torch.Tensor,
+                             cond: Conditioning, height: int, width: int) -> torch.Tensor:
+        """One call of `transformer` (the policy's own, or a wrapper of it) on packed `tokens` `[B, L, C']` at noise
+        level `sigma` `[B]`."""
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules that never train (VAE, text encoders)."""
@@ -130,12 +131,24 @@ class FlowPolicy(ABC):
             module.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def pixel_unit(self) -> int:
+        """Image heights and widths must be multiples of this many pixels (VAE factor x latent patch)."""
+        return self.vae_scale_factor * self.latent_patch
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise `ValueError` unless the model takes `height x width` pixels exactly (no silent rounding)."""
+        unit = self.pixel_unit
+        if height < unit or width < unit or height % unit or width % unit:
+            fix = f"{max(unit, round(height / unit) * unit)}x{max(unit, round(width / unit) * unit)}"
+            raise ValueError(f"image size {height}x{width} px: this model ({type(self).__name__}) takes heights and "
+                             f"widths that are positive multiples of {unit} px (VAE factor x latent patch); use e.g. "
+                             f"{fix}")
+
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """Latent `(h, w)` for an image of `height x width` pixels (rounded down as the pipelines do)."""
-        unit = self.vae_scale_factor * self.latent_patch
-        if height < unit or width < unit:
-            raise ValueError(f"height and width must be at least {unit} pixels, got {height}x{width}")
-        return self.latent_patch * (height // unit), self.latent_patch * (width // unit)
+        """Latent `(h, w)` for an image of exactly `height x width` pixels (see [`check_image_size`])."""
+        self.check_image_size(height, width)
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def image_seq_len(self, height: int, width: int) -> int:
         """Number of image tokens the transformer sees (drives the resolution-dependent shift)."""
@@ -159,6 +172,8 @@ class FlowPolicy(ABC):
         cond: Conditioning,
         negative_cond: Conditioning | None = None,
         guidance_scale: float = 1.0,
+        *,
+        transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Velocity `eps - x0` at (`latents`, `sigma`), with true classifier-free guidance when
         `negative_cond` is given and `guidance_scale > 1` (`v_neg + g (v - v_neg)`).
@@ -168,16 +183,20 @@ class FlowPolicy(ABC):
             sigma (`float` or `torch.Tensor` of shape `[B]`): noise level in [0, 1].
             cond, negative_cond ([`Conditioning`] of batch `B`).
             guidance_scale (`float`, defaults to 1.0).
+            transformer (`torch.nn.Module`, *optional*): the module to call instead of `self.transformer`: a
+                trainer passes the DDP / DeepSpeed wrapper of the transformer, which synchronises gradients and
+                gathers ZeRO-3 partitions. Defaults to `self.transformer`.
 
         Returns:
             `torch.Tensor` of shape `[B, C, h, w]` in the transformer's dtype.
         """
         b, _, h, w = latents.shape
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=self.dtype).expand(b)
+        transformer = self.transformer if transformer is None else transformer
         tokens = pack_latents(latents.to(self.dtype))
-        velocity = self._transformer_forward(tokens, sigma, cond, h, w)
+        velocity = self._transformer_forward(transformer, tokens, sigma, cond, h, w)
         if negative_cond is not None and guidance_scale > 1:
-            negative = self._transformer_forward(tokens, sigma, negative_cond, h, w)
+            negative = self._transformer_forward(transformer, tokens, sigma, negative_cond, h, w)
             velocity = negative + guidance_scale * (velocity - negative)
         return unpack_latents(velocity, h, w)
 

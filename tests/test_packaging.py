@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -80,8 +81,11 @@ def test_no_source_imports_a_top_level_name():
 
 
 def test_wheel_holds_only_rlhf_image(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ or egg-info in the repository
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info",
+                                                                 ".torch_extensions", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, text=True, timeout=300)
+                    str(tmp_path), str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = tmp_path.glob("rlhf_image-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
