@@ -37,12 +37,12 @@ def bare(dataset, cached: bool) -> float:
     pol = policy()
     optimizer = torch.optim.AdamW(pol.transformer.parameters(), lr=1e-4, fused=True)
     batch = BucketCollator([SIZE] * len(dataset))([(i, dataset[i]) for i in range(BATCH)])
-    cond, x0 = pol.encode_prompt(batch["captions"]), pol.encode_images(batch["pixel_values"])
+    cond, x0 = pol.encode_prompt(batch["prompts"]), pol.encode_images(batch["pixel_values"])
     times = []
     for step in range(WARMUP + STEPS):
         start = time.perf_counter()
         if not cached:
-            cond, x0 = pol.encode_prompt(batch["captions"]), pol.encode_images(batch["pixel_values"])
+            cond, x0 = pol.encode_prompt(batch["prompts"]), pol.encode_images(batch["pixel_values"])
         sigmas = torch.rand(BATCH)
         x_t, target = interpolate(x0, torch.randn_like(x0), sigmas)
         loss = flow_matching_loss(pol.predict_velocity(x_t, sigmas, cond), target)

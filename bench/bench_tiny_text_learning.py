@@ -35,7 +35,7 @@ from rlhf_image.recipes.ovis_image.tiny_vae import fit_tiny_vae  # noqa: E402
 from rlhf_image.rewards import OCRReward  # noqa: E402
 from rlhf_image.losses import flow_matching_loss, interpolate  # noqa: E402
 from rlhf_image.policy import Conditioning, FlowPolicy  # noqa: E402
-from rlhf_image.schedule import calculate_shift, sample_training_sigmas  # noqa: E402
+from rlhf_image.schedule import sample_training_sigmas, shift_training_sigmas  # noqa: E402
 
 HEIGHT, WIDTH = 32, 96
 
@@ -65,7 +65,7 @@ def main() -> None:
     policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=TINY_TEXT_MAX_SEQUENCE_LENGTH)
     chunks = range(0, args.pool, 256)
     latents = torch.cat([policy.encode_images([it["image"] for it in items[i:i + 256]]) for i in chunks])
-    states = torch.cat([policy.encode_prompt([it["caption"] for it in items[i:i + 256]]).prompt_embeds for i in chunks])
+    states = torch.cat([policy.encode_prompt([it["prompt"] for it in items[i:i + 256]]).prompt_embeds for i in chunks])
     empty = policy.encode_prompt([""]).prompt_embeds.expand(args.batch_size, -1, -1)
     prompts, targets = held_out_prompts(args.num_eval)
     seeds = list(range(1000, 1000 + len(prompts)))
@@ -75,7 +75,7 @@ def main() -> None:
     params = list(transformer.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
-    mu = calculate_shift(policy.image_seq_len(HEIGHT, WIDTH))
+    image_seq_len = policy.image_seq_len(HEIGHT, WIDTH)
     generator = torch.Generator().manual_seed(args.seed)
     wall = cpu = 0.0
     rows = []
@@ -84,7 +84,8 @@ def main() -> None:
         index = torch.randint(args.pool, (args.batch_size,), generator=generator)
         drop = torch.rand(args.batch_size, generator=generator) < 0.1
         cond = Conditioning(torch.where(drop[:, None, None], empty, states[index]))
-        sigma = sample_training_sigmas(args.batch_size, mu=mu, generator=generator)
+        sigma = shift_training_sigmas(sample_training_sigmas(args.batch_size, generator=generator), image_seq_len,
+                                      policy.scheduler_config)
         x_t, target = interpolate(latents[index], torch.randn(latents[index].shape, generator=generator), sigma)
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * min(1.0, step / args.warmup)

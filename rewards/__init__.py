@@ -12,6 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "RewardFunc": "base",
+    "RewardError": "base",
     "call_reward": "base",
     "acall_reward": "base",
     "reward_name": "base",

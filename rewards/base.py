@@ -25,6 +25,14 @@ from typing import Any
 RewardFunc = Callable[..., "list[float | None] | Awaitable[list[float | None]]"]
 
 
+class RewardError(RuntimeError):
+    """A reward raised: the message names the reward; the reward's own exception is chained (`__cause__`)."""
+
+
+def _raised(fn: Any, n: int, error: Exception) -> RewardError:
+    return RewardError(f"reward {reward_name(fn)!r} raised {type(error).__name__} on a batch of {n} samples: {error}")
+
+
 def reward_name(fn: Any) -> str:
     """The name a reward is logged under: its `name` attribute, else its `__name__`, else its class name."""
     name = getattr(fn, "name", None)
@@ -127,9 +135,12 @@ async def acall_reward(fn: RewardFunc, prompts: Sequence[str], images: Sequence[
                        **columns: Any) -> list[float | None]:
     """Async twin of `call_reward`: awaits async rewards, calls sync ones directly."""
     n = check_inputs(prompts, images, columns)
-    values = fn(list(prompts), list(images), **columns)
-    if inspect.isawaitable(values):
-        values = await values
+    try:
+        values = fn(list(prompts), list(images), **columns)
+        if inspect.isawaitable(values):
+            values = await values
+    except Exception as error:
+        raise _raised(fn, n, error) from error
     return validate_output(reward_name(fn), values, n)
 
 
@@ -149,9 +160,13 @@ def call_reward(fn: RewardFunc, prompts: Sequence[str], images: Sequence[Any],
     Raises:
         `ValueError` / `TypeError`: misaligned inputs, or an invalid output (wrong length, wrong type,
         NaN or inf), with the reward's name and the sample index in the message.
+        [`RewardError`]: the reward raised; the message names it, and its exception is chained.
     """
     n = check_inputs(prompts, images, columns)
-    values = fn(list(prompts), list(images), **columns)
-    if inspect.isawaitable(values):
-        values = run_coroutine(values)
+    try:
+        values = fn(list(prompts), list(images), **columns)
+        if inspect.isawaitable(values):
+            values = run_coroutine(values)
+    except Exception as error:
+        raise _raised(fn, n, error) from error
     return validate_output(reward_name(fn), values, n)

@@ -12,6 +12,9 @@ from typing import Any
 
 # public name -> module (relative to this package) that defines it
 _EXPORTS = {
+    "BaseConfig": "base_config",
+    "ImageTrainingConfig": "base_config",
+    "BaseTrainer": "base_trainer",
     "GRPOConfig": "grpo_config",
     "GRPOTrainer": "grpo_trainer",
     "DPOConfig": "dpo_config",

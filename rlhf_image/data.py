@@ -1,8 +1,8 @@
 """Image-text datasets for pretraining and SFT, and aspect-ratio buckets.
 
 Every dataset here is a map-style `torch.utils.data.Dataset` whose items are dicts
-`{"image": PIL.Image.Image (RGB), "caption": str, "key": str, **extra_columns}`; `key` names the
-sample in its source (file, row or tar member), for logs. An image that cannot be decoded (truncated bytes, a text
+`{"image": PIL.Image.Image (RGB), "prompt": str, "key": str, **extra_columns}` (every trainer reads the text from
+the `prompt` column); `key` names the sample in its source (file, row or tar member), for logs. An image that cannot be decoded (truncated bytes, a text
 file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the dataset counts it in
 `num_skipped`, and the trainer's collator drops it from its batch and logs `data/skipped_images`.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -24,11 +25,14 @@ import struct
 import tarfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
+
+from .seeding import Stream, seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,67 @@ def read_image_size(source: ImageSource) -> tuple[int, int]:
     return height, width
 
 
+def load_image(source: Any, size: tuple[int, int] | None = None) -> PIL.Image.Image:
+    """An RGB PIL image from an image source, resized to cover `size = (height, width)` and center-cropped to it
+    when `size` is given. A source is a path, a PIL image, an array (`numpy.ndarray` `[H, W, 3]` or `[H, W]`, uint8,
+    or float in [0, 1]), encoded bytes, or a `{"bytes": ..., "path": ...}` dict (a `datasets.Image(decode=False)`
+    value). A `torch.Tensor` is not an image here: the trainers take it as precomputed latents."""
+    if isinstance(source, PIL.Image.Image):
+        image = source.convert("RGB")
+    elif isinstance(source, (str, os.PathLike, bytes)):
+        image = open_image(os.fspath(source) if isinstance(source, os.PathLike) else source)
+    elif isinstance(source, np.ndarray):
+        image = PIL.Image.fromarray(array_to_uint8(source)).convert("RGB")
+    elif isinstance(source, Mapping) and (source.get("bytes") or source.get("path")):
+        image = open_image(source.get("bytes") or os.fspath(source["path"]))
+    else:
+        raise TypeError(f"cannot read an image from {type(source).__name__}; pass a path, a PIL image, a numpy array, "
+                        "encoded bytes, a {'bytes': ...} dict, or precomputed latents as a torch.Tensor")
+    return image if size is None else resize_to_bucket(image, size)
+
+
+def array_to_uint8(array: np.ndarray) -> np.ndarray:
+    """An image array `[H, W, 3]` / `[H, W]` as uint8: uint8 as it is, floats in [0, 1] scaled and rounded."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array if array.ndim == 2 or array.shape[2] != 1 else array[..., 0]
+    if np.issubdtype(array.dtype, np.floating):
+        return array_to_uint8((np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8))
+    raise ValueError(f"an image array must be uint8 or float in [0, 1], got {array.dtype}")
+
+
+def image_source_size(source: Any) -> tuple[int, int]:
+    """`(height, width)` in pixels of an image source (see [`load_image`]), from the header where it is a file."""
+    if isinstance(source, PIL.Image.Image):
+        return source.height, source.width
+    if isinstance(source, np.ndarray):
+        return int(source.shape[0]), int(source.shape[1])
+    if isinstance(source, Mapping):
+        source = source.get("bytes") or source["path"]
+    if isinstance(source, (str, os.PathLike, bytes)):
+        return read_image_size(os.fspath(source) if isinstance(source, os.PathLike) else source)
+    raise TypeError(f"cannot read an image size from {type(source).__name__}")
+
+
+def image_key(source: Any) -> str:
+    """A stable cache key of an image source: the path with its size and modification time, or a hash of
+    the pixels / bytes."""
+    if isinstance(source, Mapping):
+        source = source.get("bytes") or source["path"]
+    if isinstance(source, (str, os.PathLike)):
+        stat = os.stat(source)
+        return f"path:{os.path.abspath(source)}:{stat.st_size}:{stat.st_mtime_ns}"
+    if isinstance(source, bytes):
+        return "bytes:" + hashlib.sha256(source).hexdigest()
+    if isinstance(source, PIL.Image.Image):
+        return f"pil:{source.mode}:{source.size}:" + hashlib.sha256(source.tobytes()).hexdigest()
+    if isinstance(source, np.ndarray):
+        array = np.ascontiguousarray(source)
+        return f"array:{array.dtype}:{array.shape}:" + hashlib.sha256(array.tobytes()).hexdigest()
+    raise TypeError(f"cannot key an image source of type {type(source).__name__}")
+
+
 class ImageTextDataset(torch.utils.data.Dataset, ABC):
     """Base class of the image-caption datasets. Subclasses implement `__len__`, [`_image_source`] and
     [`_text`]; synthetic datasets may override [`_load_image`] instead of [`_image_source`].
@@ -80,7 +145,7 @@ class ImageTextDataset(torch.utils.data.Dataset, ABC):
 
     @abstractmethod
     def _text(self, index: int) -> dict[str, Any]:
-        """`{"caption": str, "key": str, **extra_columns}` of item `index` (no image decoding)."""
+        """`{"prompt": str, "key": str, **extra_columns}` of item `index` (no image decoding)."""
 
     def _load_image(self, index: int) -> PIL.Image.Image:
         return open_image(self._image_source(index))
@@ -151,22 +216,23 @@ class ImageFolderDataset(ImageTextDataset):
         path = self.paths[index]
         with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
             caption = f.read().strip()
-        return {"caption": caption, "key": os.path.relpath(path, self.root)}
+        return {"prompt": caption, "key": os.path.relpath(path, self.root)}
 
 
 class ManifestDataset(ImageTextDataset):
     """Rows of a JSONL (`.jsonl`/`.json` lines) or CSV manifest: an image path (relative to the manifest's
-    folder, or absolute), a caption, and any extra columns, passed through as item columns.
+    folder, or absolute), the prompt text, and any extra columns, passed through as item columns.
 
     Args:
         path (`str`): the manifest file.
-        image_column (`str`, defaults to `"image"`), caption_column (`str`, defaults to `"caption"`).
+        image_column (`str`, defaults to `"image"`), prompt_column (`str`, defaults to `"prompt"`): the manifest's
+            columns holding the image path and the text (the item's `prompt`).
     """
 
-    def __init__(self, path: str, image_column: str = "image", caption_column: str = "caption"):
+    def __init__(self, path: str, image_column: str = "image", prompt_column: str = "prompt"):
         super().__init__()
         self.path = path
-        self.image_column, self.caption_column = image_column, caption_column
+        self.image_column, self.prompt_column = image_column, prompt_column
         self.root = os.path.dirname(os.path.abspath(path))
         if path.endswith(".csv"):
             with open(path, newline="", encoding="utf-8") as f:
@@ -177,10 +243,10 @@ class ManifestDataset(ImageTextDataset):
         else:
             raise ValueError(f"manifest {path!r} must end in .jsonl, .json (one object per line) or .csv")
         for number, row in enumerate(self.rows):
-            missing = {image_column, caption_column} - set(row)
+            missing = {image_column, prompt_column} - set(row)
             if missing:
-                raise ValueError(f"{path} row {number} lacks the column(s) {sorted(missing)}; set `image_column` "
-                                 f"and `caption_column` to the manifest's column names")
+                raise ValueError(f"{path} row {number} lacks the column(s) {sorted(missing)} (it has {sorted(row)}); "
+                                 "set `image_column` and `prompt_column` to the manifest's column names")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -190,8 +256,8 @@ class ManifestDataset(ImageTextDataset):
 
     def _text(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        extra = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)}
-        return {**extra, "caption": str(row[self.caption_column]), "key": str(row[self.image_column])}
+        extra = {k: v for k, v in row.items() if k not in (self.image_column, self.prompt_column)}
+        return {**extra, "prompt": str(row[self.prompt_column]), "key": str(row[self.image_column])}
 
 
 class ParquetImageDataset(ImageTextDataset):
@@ -201,25 +267,26 @@ class ParquetImageDataset(ImageTextDataset):
 
     Args:
         paths (`str` or `list[str]`): files, or a glob pattern.
-        image_column (`str`, defaults to `"image"`), caption_column (`str`, defaults to `"caption"`).
+        image_column (`str`, defaults to `"image"`), prompt_column (`str`, defaults to `"prompt"`): the columns
+            holding the image and the text (the item's `prompt`).
     """
 
-    def __init__(self, paths: str | Sequence[str], image_column: str = "image", caption_column: str = "caption"):
+    def __init__(self, paths: str | Sequence[str], image_column: str = "image", prompt_column: str = "prompt"):
         super().__init__()
         import pyarrow.parquet as pq
 
         self.files = sorted(glob.glob(paths)) if isinstance(paths, str) else list(paths)
         if not self.files:
             raise ValueError(f"no parquet file matches {paths!r}")
-        self.image_column, self.caption_column = image_column, caption_column
+        self.image_column, self.prompt_column = image_column, prompt_column
         self.rows: list[tuple[int, int]] = []  # (file number, row in file)
         self.tables = []
         for number, path in enumerate(self.files):
             table = pq.read_table(path, memory_map=True)
-            missing = {image_column, caption_column} - set(table.column_names)
+            missing = {image_column, prompt_column} - set(table.column_names)
             if missing:
                 raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; set `image_column` and "
-                                 f"`caption_column` to its column names ({table.column_names})")
+                                 f"`prompt_column` to its column names ({table.column_names})")
             self.tables.append(table)
             self.rows += [(number, row) for row in range(table.num_rows)]
 
@@ -241,9 +308,9 @@ class ParquetImageDataset(ImageTextDataset):
         number, row = self.rows[index]
         table = self.tables[number]
         extra = {name: table.column(name)[row].as_py() for name in table.column_names
-                 if name not in (self.image_column, self.caption_column)}
-        caption = table.column(self.caption_column)[row].as_py()
-        return {**extra, "caption": str(caption), "key": f"{os.path.basename(self.files[number])}:{row}"}
+                 if name not in (self.image_column, self.prompt_column)}
+        prompt = table.column(self.prompt_column)[row].as_py()
+        return {**extra, "prompt": str(prompt), "key": f"{os.path.basename(self.files[number])}:{row}"}
 
 
 class TarShardDataset(ImageTextDataset):
@@ -306,7 +373,7 @@ class TarShardDataset(ImageTextDataset):
 
     def _text(self, index: int) -> dict[str, Any]:
         number, key, _, caption, extra = self.samples[index]
-        return {**extra, "caption": caption, "key": f"{os.path.basename(self.shards[number])}:{key}"}
+        return {**extra, "prompt": caption, "key": f"{os.path.basename(self.shards[number])}:{key}"}
 
 
 # --- aspect-ratio buckets ------------------------------------------------------------------------
@@ -352,9 +419,9 @@ def resize_to_bucket(image: PIL.Image.Image, bucket: tuple[int, int]) -> PIL.Ima
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches whose samples all share one bucket (so each batch has one resolution), for one rank.
 
-    Per epoch, each bucket's indices are shuffled with a generator seeded by `(seed, epoch)` and cut into
-    batches of `batch_size` (a bucket's last, smaller batch is kept unless `drop_last`); the batches are
-    then shuffled together. That global list is made a multiple of `num_replicas` (dropping the tail with
+    Per epoch, each bucket's indices are shuffled with a generator seeded by `(seed, DATA_ORDER, epoch)`
+    (`rlhf_image.seeding`) and cut into batches of `batch_size` (a bucket's last, smaller batch is kept unless
+    `drop_last`); the batches are then shuffled together. That global list is made a multiple of `num_replicas` (dropping the tail with
     `drop_last`, else repeating batches from its start, so every rank runs the same number of steps) and
     rank `r` takes batches `r, r + num_replicas, ...`: its local batch `j` is global batch
     `j * num_replicas + r`.
@@ -396,7 +463,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def global_batches(self) -> list[list[int]]:
         """This epoch's batches for all ranks, before sharding and padding."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = seeded_generator(self.seed, Stream.DATA_ORDER, self.epoch)
         batches = []
         for indices in self.groups.values():  # insertion order: the order buckets first appear
             if self.shuffle:

@@ -1,39 +1,37 @@
 """`DPOTrainer`: Flow-DPO (Diffusion-DPO on velocity errors) for flow-matching text-to-image models, with the
-Diffusion-SDPO safeguard, on top of `transformers.Trainer`.
+Diffusion-SDPO safeguard, on [`~rlhf_image.base_trainer.BaseTrainer`].
 
-The `transformers.Trainer` model is the policy's transformer (peft-wrapped with LoRA), so DeepSpeed ZeRO,
-gradient accumulation, `report_to="wandb"`, checkpoints and `resume_from_checkpoint` work as for any trainer.
 A training step: encode the chosen and rejected images (VAE, or given latents) and the prompt; draw one
 sigma and one noise per pair and noise both images with them ([`~rlhf_image.losses.interpolate`]); run winner and
 loser through the transformer as one batch of `2B` rows (the conditioning repeated), and the reference on the
 same batch; the loss is [`~rlhf_image.losses.dpo_loss`] of the per-sample velocity errors.
 
-Determinism: sigmas, noise and prompt dropout come from a generator seeded by the global micro-batch number
-(`rlhf_image.fm_trainer.noise_seed`), not from the global RNG, so a resumed run draws exactly what an
-uninterrupted one draws.
+Determinism: a training micro-batch draws, in order, its CFG-dropout uniforms `[B]`, sigmas `[B]` and noise from a
+generator seeded by its global micro-batch number (`rlhf_image.seeding.Stream.MICRO_BATCH`), an evaluation batch
+from one seeded by its number in the evaluation (`Stream.EVALUATION`): a resumed run draws exactly what an
+uninterrupted one draws, and every evaluation draws the same.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
+from .base_trainer import BaseTrainer, describe_sizes
 from .dpo_config import DPOConfig
-from .fm_trainer import EVAL_STREAM, TRAIN_STREAM, noise_seed
+from .encoders import FrozenEncoders, cfg_dropout
 from .losses import dpo_loss, interpolate, per_sample_mse
-from .model_io import frozen_copy, is_lora, prepare_transformer, reference_policy, save_trained, write_model_card
 from .policy import Conditioning, FlowPolicy
-from .preference_data import PairEncoder, PreferencePairDataset, collate_pairs
-from .schedule import calculate_shift, sample_training_sigmas
+from .preference_data import PreferencePairDataset, collate_pairs
+from .schedule import sample_training_sigmas, shift_training_sigmas
 from .sdpo import output_space_loser_scale, parameter_space_loser_scale, scale_gradient
+from .seeding import Stream
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(BaseTrainer):
     """Flow-DPO trainer (trl's `DPOTrainer` shape) for flow-matching text-to-image models.
 
     Args:
@@ -44,11 +42,19 @@ class DPOTrainer(Trainer):
             copy of the transformer made here. Must be `None` with `peft_config`.
         args ([`DPOConfig`], *optional*): defaults to `DPOConfig(output_dir="dpo-output")`.
         train_dataset, eval_dataset: pair rows `{"prompt", "chosen", "rejected"}` (images as paths, PIL images,
-            bytes or latents `[C, h, w]`; see `rlhf_image.preference_data`), or the path of a folder written by
-            [`~rlhf_image.pair_builder.build_preference_pairs`].
+            arrays, bytes or latents `[C, h, w]`; see `rlhf_image.preference_data`), or the path of a folder written
+            by [`~rlhf_image.pair_builder.build_preference_pairs`].
         peft_config (`peft.LoraConfig`, *optional*): train a LoRA adapter on the transformer.
         callbacks (`list[TrainerCallback]`, *optional*), optimizers (`tuple`, *optional*): as for `Trainer`.
+
+    Logged: `dpo_loss`, `rewards/{accuracy,margin,chosen,rejected}`, the four errors `error/{policy,ref}_{chosen,
+    rejected}`, `sigma`, `sdpo/lambda` (with `sdpo`), and the base trainer's `nonfinite/*`.
     """
+
+    config_class = DPOConfig
+    method_name = "DPO"
+    required_columns = ("prompt", "chosen", "rejected")
+    image_columns = ("chosen", "rejected")
 
     def __init__(
         self,
@@ -62,98 +68,53 @@ class DPOTrainer(Trainer):
         optimizers: tuple = (None, None),
     ):
         args = args if args is not None else DPOConfig(output_dir="dpo-output")
-        if not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}")
-        policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
-        unit = policy.vae_scale_factor * policy.latent_patch
-        for name, pixels in zip(("height", "width"), args.image_size):
-            if pixels % unit:
-                raise ValueError(f"DPOConfig image {name} {pixels} (from `{name}` or `resolution`) is not a multiple "
-                                 f"of this model's pixel unit {unit} (VAE factor x patch); use "
-                                 f"{max(unit, pixels // unit * unit)}")
-        if peft_config is not None and ref_model is not None:
-            raise ValueError("with peft_config the reference is the policy with its adapter disabled: pass "
-                             "ref_model=None")
-        policy.to(device=args.device)
-        policy.transformer = prepare_transformer(policy.transformer, peft_config)
-        self.policy = policy
-        self.reference_transformer = None
-        if not is_lora(policy.transformer):
-            if ref_model is None:
-                self.reference_transformer = frozen_copy(policy.transformer)
-            else:
-                reference = ref_model.transformer if isinstance(ref_model, FlowPolicy) else ref_model
-                self.reference_transformer = reference.requires_grad_(False).eval().to(args.device)
         if isinstance(train_dataset, (str, os.PathLike)):
             train_dataset = PreferencePairDataset(train_dataset)
         if isinstance(eval_dataset, (str, os.PathLike)):
             eval_dataset = PreferencePairDataset(eval_dataset)
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if dataset is not None and len(dataset) == 0:
-                raise ValueError(f"{name} is empty")
-        self.encoder = PairEncoder(policy, args.image_size, args.encode_batch_size or args.per_device_train_batch_size,
-                                   cache_latents=args.cache_latents, cache_text=args.cache_text_embeddings,
-                                   cache_dir=args.cache_dir)
-        self._empty_cond = policy.encode_prompt([policy.negative_prompt]) if args.cfg_dropout_prob > 0 else None
-
-        super().__init__(model=policy.transformer, args=args, data_collator=collate_pairs,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks,
-                         optimizers=optimizers)
-        # The loss is a mean over pairs, not a token sum: the Trainer must divide it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
-                                                                   "eval": defaultdict(list)}
-        self._draw_step, self._draw_micro, self._eval_draws = -1, 0, 0
-
-    # --- randomness ----------------------------------------------------------------------------
-    def _generator(self, mode: str) -> torch.Generator:
-        """The generator of this micro-batch's sigmas, noise and prompt dropout, seeded (as the flow-matching
-        trainer does) by the global micro-batch number `(step * accumulation + micro) * world + rank`, so that a
-        resumed run draws exactly what an uninterrupted one draws."""
-        args = self.args
-        if mode == "train":
-            if self.state.global_step != self._draw_step:
-                self._draw_step, self._draw_micro = self.state.global_step, 0
-            index = ((self._draw_step * args.gradient_accumulation_steps + self._draw_micro) * args.world_size
-                     + args.process_index)
-            self._draw_micro += 1
-            return torch.Generator("cpu").manual_seed(noise_seed(args.seed, TRAIN_STREAM, index))
-        index = self._eval_draws * args.world_size + args.process_index
-        self._eval_draws += 1
-        return torch.Generator("cpu").manual_seed(noise_seed(args.seed, EVAL_STREAM, index))
-
-    def _sample_sigmas(self, batch_size: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """Training sigmas `[B]` for latents of `height x width` (shifted as `DPOConfig.timestep_shift` says)."""
-        config, shift = self.policy.scheduler_config, self.args.timestep_shift
-        mu = static = None
-        if shift == "resolution":
-            image_seq_len = (height // self.policy.latent_patch) * (width // self.policy.latent_patch)
-            mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.15))
-        elif shift == "static":
-            static = config.get("shift", 1.0)
-        return sample_training_sigmas(batch_size, self.args.timestep_sampling, logit_mean=self.args.logit_mean,
-                                      logit_std=self.args.logit_std, mu=mu, shift=static, generator=generator)
+        super().__init__(model, args, train_dataset, eval_dataset, peft_config=peft_config, ref_model=ref_model,
+                         needs_reference=True, data_collator=collate_pairs, callbacks=callbacks, optimizers=optimizers)
+        self.encoders = FrozenEncoders(self.policy, args.encoder_batch_size, cache_latents=args.cache_latents,
+                                       cache_text=args.cache_text_embeddings, cache_dir=args.cache_dir)
+        self._eval_batches = 0
 
     # --- loss ----------------------------------------------------------------------------------
+    def _conditioning(self, inputs: dict[str, Any], generator: torch.Generator) -> Conditioning:
+        """The text conditioning of a collated batch after CFG dropout: its precomputed embeddings (dropped rows
+        encoded from the negative prompt) or the encoded prompts."""
+        prompts = list(inputs["prompt"])
+        used, dropped = cfg_dropout(prompts, self.args.cfg_dropout_prob, self.policy.negative_prompt, generator)
+        if "prompt_embeds" not in inputs:
+            return self.encoders.conditioning(used, also_cache=prompts)
+        device = self.policy.device
+        pooled = inputs.get("pooled_prompt_embeds")
+        given = Conditioning(inputs["prompt_embeds"].to(device), None if pooled is None else pooled.to(device))
+        if not any(dropped):
+            return given
+        negative = self.encoders.conditioning([self.policy.negative_prompt])
+        return Conditioning.cat([negative if drop else given.select([i]) for i, drop in enumerate(dropped)])
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         """Flow-DPO loss of one micro-batch of `B` pairs; records the metrics logged at the next `log`."""
         mode = "train" if model.training else "eval"
         args = self.args
-        chosen = self.encoder.latents(inputs["chosen"])
-        rejected = self.encoder.latents(inputs["rejected"])
+        if mode == "train":
+            generator = self.generator(Stream.MICRO_BATCH, self.global_micro_batch)
+        else:
+            generator = self.generator(Stream.EVALUATION, self._eval_batches * args.world_size + args.process_index)
+            self._eval_batches += 1
+        chosen = self.encoders.source_latents(inputs["chosen"], args.image_size)
+        rejected = self.encoders.source_latents(inputs["rejected"], args.image_size)
         if chosen.shape != rejected.shape:
             raise ValueError(f"chosen latents {tuple(chosen.shape)} and rejected latents {tuple(rejected.shape)} "
                              "differ: the chosen and rejected images of a batch must have one size")
-        cond = self.encoder.batch_conditioning(inputs)
         num_pairs, _, height, width = chosen.shape
-        generator = self._generator(mode)
-        if args.cfg_dropout_prob > 0:
-            dropped = (torch.rand(num_pairs, generator=generator) < args.cfg_dropout_prob).tolist()
-            cond = Conditioning.cat([self._empty_cond if d else cond.select([i]) for i, d in enumerate(dropped)])
-        sigma = self._sample_sigmas(num_pairs, height, width, generator)
+        cond = self._conditioning(inputs, generator)
+        sigma = sample_training_sigmas(num_pairs, args.timestep_sampling, logit_mean=args.logit_mean,
+                                       logit_std=args.logit_std, generator=generator)
+        image_seq_len = (height // self.policy.latent_patch) * (width // self.policy.latent_patch)
+        sigma = shift_training_sigmas(sigma, image_seq_len, self.policy.scheduler_config, args.timestep_shift)
         noise = torch.randn(chosen.shape, generator=generator, dtype=torch.float32)
         # Winner and loser share noise and sigma, and go through the transformer as one batch of 2B rows.
         device = chosen.device
@@ -161,14 +122,10 @@ class DPOTrainer(Trainer):
         x_t, target = interpolate(torch.cat([chosen, rejected]), torch.cat([noise, noise]).to(device), sigma2)
         cond = Conditioning.cat([cond, cond])
 
-        # Through the wrapper (DDP, DeepSpeed) when there is one, so that gradients are synchronised.
-        policy = self.policy
-        if model is not self.model:
-            policy = copy.copy(self.policy)
-            policy.transformer = model
-        velocity = policy.predict_velocity(x_t, sigma2, cond)
-        with torch.no_grad(), reference_policy(self.policy, self.reference_transformer) as reference:
-            ref_velocity = reference.predict_velocity(x_t, sigma2, cond)
+        # Through the wrapper (DDP, DeepSpeed) that the Trainer hands us, so gradients are synchronised.
+        velocity = self.policy.predict_velocity(x_t, sigma2, cond, transformer=model)
+        with torch.no_grad(), self.reference_transformer() as reference:
+            ref_velocity = self.policy.predict_velocity(x_t, sigma2, cond, transformer=reference)
         err_w, err_l = per_sample_mse(velocity, target).chunk(2)
         ref_w, ref_l = per_sample_mse(ref_velocity, target).chunk(2)
 
@@ -203,8 +160,7 @@ class DPOTrainer(Trainer):
         # One gather and one device sync for all metrics (ranks hold equal micro-batches: mean of means).
         local = torch.stack([value.detach().float().mean().to(device) for value in record.values()])
         gathered = self.accelerator.gather(local[None]).reshape(-1, len(record)).mean(dim=0)
-        for key, value in zip(record, gathered.tolist()):
-            self._metrics[mode][key].append(value)
+        self.record_metrics(dict(zip(record, gathered.tolist())), mode)
         return (loss, {"margin": margin.detach()}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -214,35 +170,16 @@ class DPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluate(self, *args, **kwargs):
-        self._eval_draws = 0  # every evaluation draws the same sigmas and noise
+        self._eval_batches = 0  # every evaluation draws the same sigmas and noise
         return super().evaluate(*args, **kwargs)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        logs.update(metrics)  # in place, so that `evaluate()` also returns them
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
-
-    # --- saving --------------------------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints (`_internal_call`) keep the Trainer's layout, which resumes. A user's call writes what
-        stock diffusers loads (see `rlhf_image.model_io`) and a model card."""
-        if _internal_call:
-            return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else None
-        if not self.args.should_save:
-            return
-        lora = save_trained(self.model, output_dir, state_dict)
+    # --- model card ----------------------------------------------------------------------------
+    def model_card_details(self) -> dict[str, object]:
         args = self.args
-        details = {"beta": args.beta, "steps": self.state.global_step, "image size": "x".join(map(str, args.image_size)),
-                   "timesteps": f"{args.timestep_sampling}, shift {args.timestep_shift}",
-                   "SDPO safeguard": f"{args.sdpo_space} space, mu {args.sdpo_mu}" if args.sdpo else "off",
-                   "learning rate": args.learning_rate}
-        last = next((entry for entry in reversed(self.state.log_history) if "dpo_loss" in entry), {})
-        metrics = {key: value for key, value in last.items() if key.startswith(("dpo_loss", "rewards/"))}
-        write_model_card(output_dir, method="DPO", base_model=self.policy.base_model_name_or_path, lora=lora,
-                         details=details, metrics=metrics)
+        return {**super().model_card_details(), "beta": args.beta, "image size": describe_sizes([args.image_size]),
+                "timesteps": f"{args.timestep_sampling}, shift {args.timestep_shift}",
+                "SDPO safeguard": f"{args.sdpo_space} space, mu {args.sdpo_mu}" if args.sdpo else "off",
+                "CFG dropout": args.cfg_dropout_prob}
+
+    def card_metric(self, key: str) -> bool:
+        return key == "dpo_loss" or key.startswith("rewards/")

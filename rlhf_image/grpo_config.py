@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from transformers import TrainingArguments
+from .base_config import BaseConfig, Bound, integer, number
 
 SDE_TYPES = ("sde", "cps")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -13,13 +13,14 @@ REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 @dataclass
-class GRPOConfig(TrainingArguments):
+class GRPOConfig(BaseConfig):
     r"""
     Configuration class for the [`GRPOTrainer`].
 
-    Only the parameters specific to GRPO are listed here; see [`~transformers.TrainingArguments`] for the rest
-    (`learning_rate`, `gradient_accumulation_steps`, `deepspeed`, `report_to`, `save_steps`, ...). Some defaults
-    differ from [`~transformers.TrainingArguments`]. With [`~transformers.HfArgumentParser`] or
+    Only the parameters specific to GRPO are listed here; see [`~rlhf_image.BaseConfig`] for the ones every trainer
+    shares (`resolution`, `height`, `width`, `max_consecutive_nonfinite`, gradient checkpointing) and
+    [`~transformers.TrainingArguments`] for the rest (`learning_rate`, `gradient_accumulation_steps`, `deepspeed`,
+    `report_to`, `save_steps`, ...). Some defaults differ from [`~transformers.TrainingArguments`]. With [`~transformers.HfArgumentParser`] or
     `trl.TrlParser` the class parses from YAML and the command line.
 
     One optimizer step trains on one slice of a *rollout batch*: each process samples
@@ -35,12 +36,6 @@ class GRPOConfig(TrainingArguments):
             (`per_device_train_batch_size * gradient_accumulation_steps`) must be divisible by it.
         num_inference_steps (`int`, *optional*, defaults to `10`):
             Denoising steps per rollout (Flow-GRPO trains with 10, evaluates with 40).
-        resolution (`int`, *optional*, defaults to `512`):
-            Height and width of the sampled images, in pixels, unless `height`/`width` are set.
-        height (`int`, *optional*):
-            Height of the sampled images in pixels (defaults to `resolution`); with `width`, non-square rollouts.
-        width (`int`, *optional*):
-            Width of the sampled images in pixels (defaults to `resolution`).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             True classifier-free guidance scale used in rollouts (1.0 disables CFG).
         train_with_cfg (`bool`, *optional*, defaults to `True`):
@@ -93,9 +88,9 @@ class GRPOConfig(TrainingArguments):
             reporting to wandb, else a PNG grid and a JSON file under `output_dir/samples`). `0` disables it.
         num_log_samples (`int`, *optional*, defaults to `8`):
             Images in each sample table.
-        max_consecutive_nonfinite (`int`, *optional*, defaults to `3`):
-            A non-finite loss or gradient skips the optimizer step; this many skipped steps in a row stop training
-            with an error.
+        max_consecutive_unscored (`int`, *optional*, defaults to `3`):
+            A rollout batch in which no sample could be scored (every reward returned `None`) trains on zero
+            advantages: the first one logs a warning, and this many in a row stop training with an error.
         debug_ratio_check (`bool`, *optional*, defaults to `False`):
             Raise if the importance ratio of an on-policy step is not exactly 1 (it is always logged).
         peak_flops (`float`, *optional*):
@@ -112,19 +107,12 @@ class GRPOConfig(TrainingArguments):
         default=1,
         metadata={"help": "Log every this many steps (a GRPO step is expensive, so every step by default)."},
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Kept False: reward functions receive every dataset column."},
-    )
 
     # > Rollouts
     num_generations: int = field(
         default=4, metadata={"help": "Group size: images sampled per prompt (at least 2)."}
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps per rollout."})
-    resolution: int = field(default=512, metadata={"help": "Height and width of sampled images, in pixels."})
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels (defaults to resolution)."})
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels (defaults to resolution)."})
     guidance_scale: float = field(
         default=4.5, metadata={"help": "True classifier-free guidance scale in rollouts (1.0 disables CFG)."}
     )
@@ -178,8 +166,9 @@ class GRPOConfig(TrainingArguments):
         default=50, metadata={"help": "Log a table of sample images every this many steps (0 disables)."}
     )
     num_log_samples: int = field(default=8, metadata={"help": "Images in each sample table."})
-    max_consecutive_nonfinite: int = field(
-        default=3, metadata={"help": "Stop with an error after this many skipped (non-finite) steps in a row."}
+    max_consecutive_unscored: int = field(
+        default=3, metadata={"help": "Stop with an error after this many rollout batches in a row with no sample "
+                                     "scored (the first one warns)."}
     )
     debug_ratio_check: bool = field(
         default=False, metadata={"help": "Raise if an on-policy importance ratio is not exactly 1."}
@@ -188,19 +177,31 @@ class GRPOConfig(TrainingArguments):
         default=None, metadata={"help": "Peak FLOP/s of one device for MFU; measured with a timed matmul if unset."}
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._validate()
+    numeric_fields: ClassVar[dict[str, Bound]] = {
+        "num_generations": integer(2, hint="e.g. 4"),
+        "num_inference_steps": integer(1, hint="e.g. 10"),
+        "guidance_scale": number(1, hint="1.0 disables CFG"),
+        "noise_level": number(0, low_open=True, hint="e.g. 0.7"),
+        "sde_window_size": integer(0, hint="0 makes every step stochastic"),
+        "sde_window_range": integer(0, optional=True, each=True, hint="e.g. [0, 5]"),
+        "micro_batch_size": integer(1, optional=True),
+        "timestep_fraction": number(0, 1, low_open=True),
+        "epsilon": number(0, low_open=True, hint="e.g. 1e-4 (Flow-GRPO)"),
+        "advantage_clip": number(0, low_open=True, optional=True, hint="None disables clipping"),
+        "beta": number(0, hint="0 disables the KL term"),
+        "num_iterations": integer(1),
+        "reward_weights": number(optional=True, each=True),
+        "log_samples_steps": integer(0, hint="0 disables sample tables"),
+        "num_log_samples": integer(1),
+        "max_consecutive_unscored": integer(1, hint="e.g. 3"),
+        "peak_flops": number(0, low_open=True, optional=True, hint="unset: measured"),
+    }
 
-    def _fail(self, name: str, problem: str, fix: str) -> None:
-        raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: {problem}. Fix: {fix}.")
-
-    def _validate(self) -> None:
-        if self.num_generations < 2:
-            self._fail("num_generations", "a group needs at least 2 images to compare", "set num_generations >= 2")
+    def validate(self) -> None:
+        super().validate()
         rollout_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if rollout_batch % self.num_generations != 0:
-            self._fail(
+            self.fail(
                 "num_generations",
                 f"the per-process rollout batch per_device_train_batch_size * gradient_accumulation_steps = "
                 f"{rollout_batch} is not divisible by the group size",
@@ -210,89 +211,52 @@ class GRPOConfig(TrainingArguments):
         if self.micro_batch_size is None:
             self.micro_batch_size = self.per_device_train_batch_size
         elif self.micro_batch_size != self.per_device_train_batch_size:
-            self._fail(
+            self.fail(
                 "micro_batch_size",
                 f"differs from per_device_train_batch_size={self.per_device_train_batch_size}; sampling and training "
                 "must call the transformer on the same batch size for the on-policy ratio to be exactly 1",
                 "leave micro_batch_size unset (it follows per_device_train_batch_size)",
             )
-        if self.num_inference_steps < 1:
-            self._fail("num_inference_steps", "must be positive", "set num_inference_steps >= 1")
-        if self.resolution < 1:
-            self._fail("resolution", "must be positive", "set the image size in pixels, e.g. 512")
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value is not None and value < 1:
-                self._fail(name, "must be positive", f"set {name} in pixels, or leave it unset to use resolution")
         if self.sde_type not in SDE_TYPES:
-            self._fail("sde_type", f"unknown sampler, expected one of {SDE_TYPES}", "use 'sde' or 'cps'")
-        if not self.noise_level > 0:
-            self._fail("noise_level", "a deterministic step has no log-prob to train",
-                       "use a value in (0, 1], e.g. 0.7")
+            self.fail("sde_type", f"unknown sampler, expected one of {SDE_TYPES}", "use 'sde' or 'cps'")
         if self.sde_type == "cps" and self.noise_level > 1:
-            self._fail("noise_level", "CPS needs sin(a pi / 2) <= 1 with a in (0, 1]", "use a value in (0, 1]")
-        if self.guidance_scale < 1:
-            self._fail("guidance_scale", "CFG scales below 1 are not supported", "use 1.0 (no CFG) or more")
+            self.fail("noise_level", "CPS needs sin(a pi / 2) <= 1 with a in (0, 1]", "use a value in (0, 1]")
         self._validate_window()
-        if not 0 < self.timestep_fraction <= 1:
-            self._fail("timestep_fraction", "must be in (0, 1]", "use e.g. 1.0 (all recorded steps) or 0.5")
-        if not self.epsilon > 0:
-            self._fail("epsilon", "the clip range must be positive", "use e.g. 1e-4 (Flow-GRPO)")
-        if self.advantage_clip is not None and not self.advantage_clip > 0:
-            self._fail("advantage_clip", "must be positive", "use e.g. 5.0, or None to disable clipping")
-        if not self.beta >= 0:
-            self._fail("beta", "the KL coefficient cannot be negative", "use 0 (no KL) or a positive value")
-        if self.num_iterations < 1:
-            self._fail("num_iterations", "must be at least 1", "use 1 (fully on-policy) or more")
         if self.scale_rewards not in SCALE_REWARDS:
-            self._fail("scale_rewards", f"expected one of {SCALE_REWARDS}", "use 'group', 'batch' or 'none'")
+            self.fail("scale_rewards", f"expected one of {SCALE_REWARDS}", "use 'group', 'batch' or 'none'")
         if self.reward_aggregation not in REWARD_AGGREGATIONS:
-            self._fail("reward_aggregation", f"expected one of {REWARD_AGGREGATIONS}",
-                       "use 'sum_then_normalize' or 'normalize_then_sum'")
-        if self.reward_weights is not None and not all(math.isfinite(float(w)) for w in self.reward_weights):
-            self._fail("reward_weights", "weights must be finite numbers", "pass one finite weight per reward")
-        if self.log_samples_steps < 0:
-            self._fail("log_samples_steps", "must be >= 0", "use 0 to disable sample logging")
-        if self.num_log_samples < 1:
-            self._fail("num_log_samples", "must be positive", "use e.g. 8")
-        if self.max_consecutive_nonfinite < 1:
-            self._fail("max_consecutive_nonfinite", "must be at least 1", "use e.g. 3")
-        if self.peak_flops is not None and not self.peak_flops > 0:
-            self._fail("peak_flops", "must be positive FLOP/s", "leave it unset to measure it")
+            self.fail("reward_aggregation", f"expected one of {REWARD_AGGREGATIONS}",
+                      "use 'sum_then_normalize' or 'normalize_then_sum'")
         if self.debug_ratio_check and self.guidance_scale > 1 and not self.train_with_cfg:
-            self._fail("debug_ratio_check", "with train_with_cfg=False and CFG in rollouts the training log-probs "
-                       "differ from the recorded ones, so the ratio cannot be 1", "set train_with_cfg=True")
+            self.fail("debug_ratio_check", "with train_with_cfg=False and CFG in rollouts the training log-probs "
+                      "differ from the recorded ones, so the ratio cannot be 1", "set train_with_cfg=True")
         if self.save_strategy == "steps" and self.save_steps >= 1 and int(self.save_steps) % self.num_iterations:
-            self._fail("save_steps", f"a checkpoint inside a rollout batch (num_iterations={self.num_iterations}) "
-                       "could not resume exactly", "use a multiple of num_iterations")
+            self.fail("save_steps", f"a checkpoint inside a rollout batch (num_iterations={self.num_iterations}) "
+                      "could not resume exactly", "use a multiple of num_iterations")
 
     def _validate_window(self) -> None:
         steps = self.num_inference_steps
         if self.sde_window_size == 0:
             if self.sde_window_range is not None:
-                self._fail("sde_window_range", "set without a window", "set sde_window_size > 0 or drop the range")
+                self.fail("sde_window_range", "set without a window", "set sde_window_size > 0 or drop the range")
             return
-        if not 0 < self.sde_window_size <= steps:
-            self._fail("sde_window_size", f"must be in [0, num_inference_steps={steps}]",
-                       "use 0 (all steps) or a smaller window")
+        if self.sde_window_size > steps:
+            self.fail("sde_window_size", f"must be in [0, num_inference_steps={steps}]",
+                      "use 0 (all steps) or a smaller window")
         if self.sde_window_range is None:
             self.sde_window_range = [0, steps]
         if len(self.sde_window_range) != 2:
-            self._fail("sde_window_range", "expected two numbers [low, high]", "pass e.g. [0, 5]")
-        low, high = (int(v) for v in self.sde_window_range)
+            self.fail("sde_window_range", "expected two numbers [low, high]", "pass e.g. [0, 5]")
+        low, high = self.sde_window_range
         if not 0 <= low < high <= steps:
-            self._fail("sde_window_range", f"outside the schedule of {steps} steps",
-                       f"use 0 <= low < high <= num_inference_steps={steps}")
+            self.fail("sde_window_range", f"outside the schedule of {steps} steps",
+                      f"use 0 <= low < high <= num_inference_steps={steps}")
         if high - low < self.sde_window_size:
-            self._fail("sde_window_range", f"shorter than sde_window_size={self.sde_window_size}",
-                       "widen the range or shrink the window")
+            self.fail("sde_window_range", f"shorter than sde_window_size={self.sde_window_size}",
+                      "widen the range or shrink the window")
         self.sde_window_range = [low, high]
 
     @property
     def rollout_batch_size(self) -> int:
         """Images sampled per process per rollout: `per_device_train_batch_size * gradient_accumulation_steps`."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """`(height, width)` of the sampled images in pixels: `height`/`width`, each defaulting to `resolution`."""
-        return (self.height or self.resolution, self.width or self.resolution)

@@ -8,17 +8,18 @@ transformer call, so the first (on-policy) pass recomputes the recorded log-prob
 importance ratio is exactly 1 (a self-check). Each micro-batch's loss is the mean over its trained steps of
 the clipped surrogate (`grpo_loss`) plus `beta` times the KL to the reference policy (`step_kl`).
 
-Determinism: nothing random is drawn from a hidden stream. Every sample's noise comes from its own seed,
-derived from `(args.seed, global step at sampling, process index * rollout batch + index)`; the SDE window
-from `(args.seed, global step)`; the trained steps of micro-batch `m` from `(args.seed, global step, m)`.
-The prompt order is a permutation derived from `(args.seed, epoch)`. So a run resumed from a checkpoint (taken
-at a rollout boundary) continues exactly as if it had never stopped.
+Determinism (the streams of `rlhf_image.seeding`): every sample's noise comes from its own seed, derived from
+`(args.seed, SAMPLE_NOISE, global step at sampling, process index * rollout batch + index)`; the SDE window from
+`(args.seed, SDE_WINDOW, global step)`; the trained steps of micro-batch `m` from `(args.seed, TRAINED_STEPS,
+global step, m)`; the prompt order is a permutation derived from `(args.seed, DATA_ORDER, epoch)`. So a run resumed
+from a checkpoint (taken at a rollout boundary) continues exactly as if it had never stopped.
+
+The shared machinery (the policy and its LoRA or full preparation, the reference, the non-finite guard, counters
+that survive a resume, saving with a model card) is [`~rlhf_image.base_trainer.BaseTrainer`]'s.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import time
@@ -30,36 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import TrainerCallback
 from transformers.utils import logging
 
-from rlhf_image.rewards.base import reward_name
+from rlhf_image.rewards.base import RewardError, reward_name
 from rlhf_image.rewards.compose import aggregate
 
 from .advantages import group_advantages
+from .base_trainer import BaseTrainer, describe_sizes
 from .grpo_config import GRPOConfig
 from .losses import grpo_loss
-from .metrics import (PhaseTimer, forward_flops, measure_peak_flops, mfu, reduce_metrics, save_sample_table,
-                      synchronize)
-from .model_io import (frozen_copy, is_lora, prepare_transformer, reference_policy, save_trained,
-                       write_model_card)
+from .metrics import PhaseTimer, forward_flops, measure_peak_flops, mfu, save_sample_table, synchronize
 from .policy import Conditioning, FlowPolicy, tensor_to_pil
 from .rollout_engine import InProcessRolloutEngine, RolloutEngine, RolloutSpec
 from .sampling import Trajectory, transition_log_prob
 from .sde import step_kl
+from .seeding import Stream, derive_seed
 
 logger = logging.get_logger(__name__)
-
-GRPO_STATE_NAME = "grpo_state.json"
-# Independent random streams, each keyed by (seed, stream, ...) so that no draw depends on another.
-_NOISE_STREAM, _WINDOW_STREAM, _TIMESTEP_STREAM, _EVAL_STREAM, _ORDER_STREAM = range(5)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a fixed function of non-negative integer `keys` (numpy's `SeedSequence` hash)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
 class GroupedPromptSampler(Sampler[int]):
@@ -79,7 +68,7 @@ class GroupedPromptSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _ORDER_STREAM, self.epoch))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, Stream.DATA_ORDER, self.epoch))
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         for first in range(0, len(self) // (self.num_generations * self.repeat), self.num_prompts):
             block = [i for i in order[first:first + self.num_prompts] for _ in range(self.num_generations)]
@@ -104,7 +93,7 @@ def _identity(rows: list[dict]) -> list[dict]:
     return rows
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(BaseTrainer):
     """Group Relative Policy Optimization for flow-matching text-to-image models (Flow-GRPO).
 
     Args:
@@ -128,9 +117,18 @@ class GRPOTrainer(Trainer):
     `None`) and `rewards/unscored_total`, `frac_reward_zero_std` (groups with no reward spread),
     `advantages/{mean,std,min,max}`, `ratio/{mean,min,max}`, `clip_frac`, `approx_kl`, `kl` (when
     `beta > 0`), `loss/policy`, the Trainer's `loss` and `grad_norm`, `nonfinite/skipped` (this step) and
-    `nonfinite/{skipped_steps_total,consecutive}`, `ratio/on_policy_mismatch_total`, `time/<phase>` (seconds
-    per step for `rollout`, `reward`, `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`.
+    `nonfinite/{skipped_steps_total,consecutive}`, `ratio/on_policy_mismatch_total`,
+    `rewards/unscored_rollouts_consecutive`, `time/<phase>` (seconds per step for `rollout`, `reward`,
+    `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`.
+
+    A rollout batch in which no sample could be scored trains on zero advantages: the first one logs a warning and
+    `args.max_consecutive_unscored` of them in a row stop training. A reward that raises stops training with a
+    [`~rlhf_image.rewards.base.RewardError`] naming the reward and the step, the reward's exception chained.
     """
+
+    config_class = GRPOConfig
+    method_name = "GRPO"
+    required_columns = ("prompt",)
 
     def __init__(
         self,
@@ -144,20 +142,7 @@ class GRPOTrainer(Trainer):
         rollout_engine: RolloutEngine | None = None,
         callbacks: list[TrainerCallback] | None = None,
     ):
-        args = args if args is not None else GRPOConfig(output_dir="grpo-output")
-        if not isinstance(args, GRPOConfig):
-            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
-        if args.activation_checkpointing:
-            raise ValueError("GRPOConfig.activation_checkpointing: diffusers models enable it themselves; call "
-                             "`policy.transformer.enable_gradient_checkpointing()` before building the trainer")
-        policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
-        policy.to(device=args.device)
-        policy.transformer = prepare_transformer(policy.transformer, peft_config)
-        self.policy = policy
-        self.reference_transformer = None
-        if args.beta > 0 and not is_lora(policy.transformer):
-            self.reference_transformer = frozen_copy(policy.transformer)
-
+        args = self.check_args(args if args is not None else GRPOConfig(output_dir="grpo-output"))
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         if reward_weights is not None and args.reward_weights is not None:
@@ -168,37 +153,28 @@ class GRPOTrainer(Trainer):
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"got {len(weights)} reward weights for {len(self.reward_funcs)} reward functions "
                              f"({self.reward_names}); pass one weight per reward")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"reward_weights={weights}: weights must be finite numbers")
         self.reward_weights = np.asarray(weights, dtype=np.float64)
 
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if dataset is not None and "prompt" not in dataset[0]:
-                raise ValueError(f"{name} rows need a 'prompt' column; got columns {sorted(dataset[0])}")
-
-        super().__init__(model=policy.transformer, args=args, data_collator=_identity, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, callbacks=callbacks)
-        # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
-
+        super().__init__(model, args, train_dataset, eval_dataset, peft_config=peft_config,
+                         needs_reference=args.beta > 0, data_collator=_identity, callbacks=callbacks)
         self.rollout_engine = rollout_engine if rollout_engine is not None else InProcessRolloutEngine()
-        self.rollout_engine.bind(policy, self.reward_funcs, self.reward_names)
+        self.rollout_engine.bind(self.policy, self.reward_funcs, self.reward_names)
         self.spec = RolloutSpec(
             height=args.image_size[0], width=args.image_size[1], num_steps=args.num_inference_steps,
             sde_type=args.sde_type, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
             micro_batch_size=args.micro_batch_size)
         self.peak_flops = args.peak_flops
-        # Running counts, logged as they are and saved in checkpoints.
-        self.counters = {"nonfinite/skipped_steps_total": 0, "nonfinite/consecutive": 0,
-                         "rewards/unscored_total": 0, "ratio/on_policy_mismatch_total": 0}
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.counters.update({"nonfinite/skipped_steps_total": 0, "nonfinite/consecutive": 0,
+                              "rewards/unscored_total": 0, "rewards/unscored_rollouts_consecutive": 0,
+                              "ratio/on_policy_mismatch_total": 0})
         self._timer = PhaseTimer(args.device)
         self._flops: dict[str, float] = defaultdict(float)
         self._buffer: list[dict] | None = None
-        self._micro_step: int | None = None
-        self._nonfinite_loss = False
+        self._buffer_cycle = -1
         self._rollout_seconds = 0.0
         self._micro_step_flops = 0
-        self._hooked_optimizer = None
         self._last_logged_step = 0
 
     # --- data ------------------------------------------------------------------------------------
@@ -215,27 +191,26 @@ class GRPOTrainer(Trainer):
 
     def _prepare_inputs(self, rows: list[dict]) -> dict[str, Any]:
         """Called by `training_step` with this process's rows of the current rollout: samples and scores at the
-        start of each rollout cycle, then hands out its micro-batches in order."""
+        start of each rollout cycle (`gradient_accumulation_steps * num_iterations` micro-batches), then hands out
+        its micro-batches in order."""
         args = self.args
         accumulation = args.gradient_accumulation_steps
-        cycle = accumulation * args.num_iterations
-        if self._micro_step is None:
-            self._micro_step = self.state.global_step * accumulation
-            if self._micro_step % cycle:
+        cycle_length = accumulation * args.num_iterations
+        micro_step = self.state.global_step * accumulation + self.micro_batch_index
+        cycle, position = divmod(micro_step, cycle_length)
+        if position == 0 or self._buffer_cycle != cycle:
+            if position:
                 logger.warning("resuming inside a rollout batch (global step %d is not a multiple of "
                                "num_iterations=%d): the batch is sampled again, so the run is not exact",
                                self.state.global_step, args.num_iterations)
-        position = self._micro_step % cycle
-        if position == 0 or self._buffer is None:
             engine_before = sum(self._timer.seconds[p] for p in ("rollout", "reward"))
             start = time.perf_counter()
-            self._buffer = self._rollout(rows)
+            self._buffer, self._buffer_cycle = self._rollout(rows), cycle
             self._rollout_seconds = time.perf_counter() - start
             engine = sum(self._timer.seconds[p] for p in ("rollout", "reward")) - engine_before
             # Moving tensors, advantages, logging: the trainer's own overhead around the engine.
             self._timer.add("rollout_overhead", self._rollout_seconds - engine)
-        micro_index = self._micro_step % accumulation
-        self._micro_step += 1
+        micro_index = micro_step % accumulation
         return {**self._buffer[micro_index], "iteration": position // accumulation, "micro_index": micro_index}
 
     def _rollout(self, rows: list[dict]) -> list[dict]:
@@ -244,9 +219,12 @@ class GRPOTrainer(Trainer):
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         offset = self.accelerator.process_index * len(rows)
-        seeds = [derive_seed(args.seed, _NOISE_STREAM, step, offset + i) for i in range(len(rows))]
+        seeds = [derive_seed(args.seed, Stream.SAMPLE_NOISE, step, offset + i) for i in range(len(rows))]
         self.rollout_engine.sync_weights(self.policy, version=step)
-        batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
+        try:
+            batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
+        except RewardError as error:
+            raise RewardError(f"GRPO step {step + 1}: {error}") from error
         if batch.weights_version != step:
             raise RuntimeError(f"the rollout engine sampled with weights version {batch.weights_version}, expected "
                                f"{step}: GRPO's recorded log-probs must come from the current weights")
@@ -277,7 +255,7 @@ class GRPOTrainer(Trainer):
         if args.sde_window_size == 0:
             return 0, args.num_inference_steps
         low, high = args.sde_window_range
-        rng = np.random.default_rng(derive_seed(args.seed, _WINDOW_STREAM, step))
+        rng = np.random.default_rng(derive_seed(args.seed, Stream.SDE_WINDOW, step))
         start = int(rng.integers(low, high - args.sde_window_size + 1))
         return start, start + args.sde_window_size
 
@@ -286,7 +264,8 @@ class GRPOTrainer(Trainer):
         count = max(1, int(self.args.timestep_fraction * num_recorded))
         if count >= num_recorded:
             return list(range(num_recorded))
-        rng = np.random.default_rng(derive_seed(self.args.seed, _TIMESTEP_STREAM, self.state.global_step, micro_index))
+        rng = np.random.default_rng(derive_seed(self.args.seed, Stream.TRAINED_STEPS, self.state.global_step,
+                                                micro_index))
         return sorted(rng.choice(num_recorded, size=count, replace=False).tolist())
 
     # --- loss ------------------------------------------------------------------------------------
@@ -295,21 +274,19 @@ class GRPOTrainer(Trainer):
         args = self.args
         trajectory: Trajectory = inputs["trajectory"]
         advantages: torch.Tensor = inputs["advantages"]
-        # Through the wrapper (DDP, DeepSpeed) when there is one, so gradients are synchronised.
-        policy = self.policy
-        if model is not self.model:
-            policy = copy.copy(self.policy)
-            policy.transformer = model
         guidance = trajectory.guidance_scale if args.train_with_cfg else 1.0
         steps = self._train_steps(trajectory.log_probs.shape[1], inputs["micro_index"])
         loss = torch.zeros((), device=args.device)
         ratios, stats_list, kls = [], [], []
         for j in steps:
-            log_prob, mean, std = transition_log_prob(policy, trajectory, j, guidance_scale=guidance)
+            # Through the wrapper (DDP, DeepSpeed) that the Trainer hands us, so gradients are synchronised.
+            log_prob, mean, std = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
+                                                      transformer=model)
             step_loss, stats = grpo_loss(log_prob, trajectory.log_probs[:, j], advantages, args.epsilon)
             if args.beta > 0:
-                with torch.no_grad(), reference_policy(self.policy, self.reference_transformer) as reference:
-                    _, reference_mean, _ = transition_log_prob(reference, trajectory, j, guidance_scale=guidance)
+                with torch.no_grad(), self.reference_transformer() as reference:
+                    _, reference_mean, _ = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
+                                                               transformer=reference)
                 kl = step_kl(mean, reference_mean, std)
                 step_loss = step_loss + args.beta * kl.mean()
                 kls.append(kl.detach())
@@ -328,10 +305,7 @@ class GRPOTrainer(Trainer):
         exact = values.pop("on_policy_exact") == 1.0
         if inputs["iteration"] == 0 and guidance == trajectory.guidance_scale and not exact:
             self._on_policy_ratio_mismatch(values["ratio/min"], values["ratio/max"])
-        for key, value in values.items():
-            self._metrics[key].append(value)
-        if not math.isfinite(values["loss/policy"]):
-            self._nonfinite_loss = True
+        self.record_metrics(values)
         self._count_train_flops(trajectory, len(steps), guidance > 1)
         return loss
 
@@ -353,43 +327,6 @@ class GRPOTrainer(Trainer):
         self._timer.add("train", time.perf_counter() - start - self._rollout_seconds)
         return loss
 
-    # --- failure policy --------------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if optimizer is not self._hooked_optimizer:
-            optimizer.register_step_pre_hook(self._skip_nonfinite_step)
-            self._hooked_optimizer = optimizer
-        return optimizer
-
-    def _skip_nonfinite_step(self, optimizer, args, kwargs) -> None:
-        """Optimizer pre-step hook: if the loss or any gradient is non-finite, drop every gradient (torch
-        optimizers skip parameters without one: no update, no moment change) and count the step."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = not self._nonfinite_loss and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        self._nonfinite_loss = False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every rank must take the same decision (ZeRO ranks each see a shard of the gradients).
-            flag = torch.tensor(0.0 if finite else 1.0, device=self.args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            finite = flag.item() == 0
-        self._metrics["nonfinite/skipped"].append(0.0 if finite else 1.0)
-        if finite:
-            self.counters["nonfinite/consecutive"] = 0
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self.counters["nonfinite/skipped_steps_total"] += 1
-        self.counters["nonfinite/consecutive"] += 1
-        consecutive = self.counters["nonfinite/consecutive"]
-        logger.warning("non-finite loss or gradient at step %d: optimizer step skipped (%d in a row)",
-                       self.state.global_step + 1, consecutive)
-        if consecutive >= self.args.max_consecutive_nonfinite:
-            raise RuntimeError(
-                f"{consecutive} optimizer steps in a row had a non-finite loss or gradient "
-                f"(GRPOConfig.max_consecutive_nonfinite={self.args.max_consecutive_nonfinite}); training stopped at "
-                f"step {self.state.global_step + 1}. Lower the learning rate, check the rewards, or use float32.")
-
     # --- logging ---------------------------------------------------------------------------------
     def _log_rollout(self, step, trajectory, per_reward, total, group_ids, advantages, seeds, timings) -> None:
         # Statistics over every process's samples (each process holds whole groups).
@@ -403,25 +340,40 @@ class GRPOTrainer(Trainer):
         gathered = self.accelerator.gather(torch.from_numpy(local).to(self.args.device)).cpu().numpy()
         per_reward, total, advantages, group_zero_spread = (gathered[:, :-3], gathered[:, -3], gathered[:, -2],
                                                             gathered[:, -1])
-        metrics = self._metrics
+        metrics = {}
         for name, column in [*zip(self.reward_names, per_reward.T), ("total", total)]:
             scored = column[~np.isnan(column)]
-            metrics[f"rewards/{name}/mean"].append(float(scored.mean()) if scored.size else math.nan)
-            metrics[f"rewards/{name}/std"].append(float(scored.std()) if scored.size else math.nan)
+            metrics[f"rewards/{name}/mean"] = float(scored.mean()) if scored.size else math.nan
+            metrics[f"rewards/{name}/std"] = float(scored.std()) if scored.size else math.nan
         unscored = int(np.isnan(total).sum())
         self.counters["rewards/unscored_total"] += unscored
-        metrics["rewards/unscored"].append(float(unscored))
+        metrics["rewards/unscored"] = float(unscored)
         # Per-sample flags of equal-size groups: their mean is the share of groups.
-        metrics["frac_reward_zero_std"].append(float(group_zero_spread.mean()))
-        metrics["advantages/mean"].append(float(advantages.mean()))
-        metrics["advantages/std"].append(float(advantages.std()))
-        metrics["advantages/min"].append(float(advantages.min()))
-        metrics["advantages/max"].append(float(advantages.max()))
+        metrics["frac_reward_zero_std"] = float(group_zero_spread.mean())
+        metrics.update({"advantages/mean": float(advantages.mean()), "advantages/std": float(advantages.std()),
+                        "advantages/min": float(advantages.min()), "advantages/max": float(advantages.max())})
+        self.record_metrics(metrics)
+        self._check_unscored(step, unscored == len(total))
         for phase in ("rollout", "reward"):
             self._timer.add(phase, timings.get(phase, 0.0))
         self._count_rollout_flops(trajectory)
         if self.args.log_samples_steps and step % self.args.log_samples_steps == 0 and self.is_world_process_zero():
             self._log_samples(step, trajectory, local[:, :-3], local[:, -3], group_ids, local[:, -2], seeds)
+
+    def _check_unscored(self, step: int, none_scored: bool) -> None:
+        """The policy for rollouts in which no sample was scored (every process decides alike: `total` is gathered)."""
+        key = "rewards/unscored_rollouts_consecutive"
+        self.counters[key] = self.counters[key] + 1 if none_scored else 0
+        count, limit = self.counters[key], self.args.max_consecutive_unscored
+        if count >= limit:
+            raise RuntimeError(
+                f"{count} rollout batches in a row had no sample scored (every reward returned None; rewards "
+                f"{self.reward_names}), up to step {step + 1} (GRPOConfig.max_consecutive_unscored={limit}): training "
+                "on zero advantages changes nothing. Check the rewards (a remote reward server that is down, a "
+                "missing dataset column a reward needs) or raise max_consecutive_unscored.")
+        if count == 1:
+            logger.warning("no sample of the rollout batch at step %d could be scored (rewards %s returned None for "
+                           "every sample): this step trains on zero advantages", step + 1, self.reward_names)
 
     def _log_samples(self, step, trajectory, per_reward, total, group_ids, advantages, seeds) -> None:
         count = min(self.args.num_log_samples, len(trajectory))
@@ -482,9 +434,7 @@ class GRPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs) and "train_runtime" not in logs:
-            logs = {**logs, **reduce_metrics(self._metrics), **self._phase_metrics()}
-            logs.update({key: float(value) for key, value in self.counters.items()})
-            self._metrics.clear()
+            logs.update(self._phase_metrics())
         super().log(logs, start_time)
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -497,7 +447,7 @@ class GRPOTrainer(Trainer):
         rows = [dataset[i] for i in range(len(dataset))]
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        seeds = [derive_seed(self.args.seed, _EVAL_STREAM, i) for i in range(len(rows))]
+        seeds = [derive_seed(self.args.seed, Stream.EVALUATION, i) for i in range(len(rows))]
         self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
         batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
         per_reward = batch.per_reward.double().cpu().numpy()
@@ -511,52 +461,18 @@ class GRPOTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # --- checkpoints and saving ------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        self._micro_step, self._buffer = None, None
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-        if isinstance(resume_from_checkpoint, str):
-            path = os.path.join(resume_from_checkpoint, GRPO_STATE_NAME)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    self.counters.update(json.load(f)["counters"])
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(folder, GRPO_STATE_NAME), "w") as f:
-                json.dump({"counters": self.counters, "global_step": self.state.global_step}, f, indent=1)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints (`_internal_call`) keep the Trainer's layout, which resumes. A user's call writes what
-        stock diffusers loads (see `rlhf_image.model_io`) and a model card."""
-        if _internal_call:
-            return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else None
-        if not self.args.should_save:
-            return
-        lora = save_trained(self.model, output_dir, state_dict)
-        write_model_card(output_dir, method="GRPO", base_model=self.policy.base_model_name_or_path,
-                         lora=lora, details=self._card_details(), metrics=self._final_metrics())
-
-    def _card_details(self) -> dict[str, object]:
+    # --- model card ------------------------------------------------------------------------------
+    def model_card_details(self) -> dict[str, object]:
         args = self.args
         rewards = ", ".join(f"{name} (weight {w:g})" for name, w in zip(self.reward_names, self.reward_weights))
-        return {"reward functions": rewards, "reward aggregation": args.reward_aggregation,
-                "steps": self.state.global_step, "sampler": f"{args.sde_type}, noise level {args.noise_level}",
-                "group size": args.num_generations, "image size": "x".join(map(str, args.image_size)),
-                "inference steps": args.num_inference_steps, "learning rate": args.learning_rate, "beta": args.beta}
+        return {**super().model_card_details(), "reward functions": rewards,
+                "reward aggregation": args.reward_aggregation,
+                "sampler": f"{args.sde_type}, noise level {args.noise_level}", "group size": args.num_generations,
+                "image size": describe_sizes([args.image_size]), "inference steps": args.num_inference_steps,
+                "guidance scale": args.guidance_scale, "beta": args.beta}
 
-    def _final_metrics(self) -> dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            found = {k: v for k, v in entry.items() if k.startswith("rewards/") and k.endswith("/mean")}
-            if found:
-                return found
-        return {}
+    def card_metric(self, key: str) -> bool:
+        return key.startswith("rewards/") and key.endswith("/mean")
 
 
 def _none_if_nan(value: float) -> float | None:

@@ -9,7 +9,6 @@ no compute), attention included; a training step costs 3x a forward (forward + b
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -48,14 +47,12 @@ def forward_flops(policy: FlowPolicy, cond: Conditioning, height: int, width: in
     if key not in _FLOPS_CACHE:
         with torch.device("meta"):
             meta_transformer = type(base).from_config(base.config)
-        meta_policy = copy.copy(policy)
-        meta_policy.transformer = meta_transformer
         latent_h, latent_w = policy.latent_size(height, width)
         latents = torch.empty(batch_size, policy.num_latent_channels, latent_h, latent_w, device="meta")
         meta_cond = Conditioning(*[None if s is None else torch.empty(batch_size, *s, device="meta") for s in shapes])
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            meta_policy.predict_velocity(latents, torch.tensor(0.5), meta_cond)
+            policy.predict_velocity(latents, torch.tensor(0.5), meta_cond, transformer=meta_transformer)
         _FLOPS_CACHE[key] = int(counter.get_total_flops())
     return _FLOPS_CACHE[key]
 

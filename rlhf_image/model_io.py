@@ -15,32 +15,77 @@ Both come with a `README.md` model card.
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-
-from .policy import FlowPolicy
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_PREFIX = "transformer"
 _PEFT_PREFIX = "base_model.model."
 
 
-def prepare_transformer(transformer: torch.nn.Module, peft_config: LoraConfig | None = None) -> torch.nn.Module:
+def prepare_transformer(transformer: torch.nn.Module, peft_config: LoraConfig | None = None,
+                        seed: int | None = None) -> torch.nn.Module:
     """The module a trainer optimises: `peft.get_peft_model(transformer, peft_config)` (only the adapter
     trains) when `peft_config` is given; a model that already is a `PeftModel` as it is (its adapter trains);
-    else `transformer` with every parameter trainable. Dropout is switched off (see [`disable_dropout`])."""
+    else `transformer` with every parameter trainable. Dropout is switched off (see [`disable_dropout`]).
+
+    Args:
+        transformer (`torch.nn.Module`): the policy's transformer.
+        peft_config (`peft.LoraConfig`, *optional*): add and train a LoRA adapter.
+        seed (`int`, *optional*): seed of the adapter's initial weights (drawn from a private generator, so two
+            identical trainers built in one process start identically); the global random state is left as it was.
+
+    Raises:
+        `ValueError`: the transformer carries adapters loaded into a diffusers pipeline (see
+        [`check_no_loaded_adapters`]), or a peft model is given together with `peft_config`.
+    """
+    check_no_loaded_adapters(transformer)
     if peft_config is not None:
         if isinstance(transformer, PeftModel):
             raise ValueError("the transformer already carries a peft adapter; pass the plain model with peft_config")
-        transformer = get_peft_model(transformer, peft_config)
+        # peft creates and initialises the adapter layers on the CPU, then moves them to the layer's device.
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.random.default_generator.manual_seed(seed)
+            transformer = get_peft_model(transformer, peft_config)
     elif not isinstance(transformer, PeftModel):
         transformer.requires_grad_(True)
     disable_dropout(transformer)
     return transformer
+
+
+def loaded_adapters(transformer: torch.nn.Module) -> list[str]:
+    """Names of the LoRA (peft) adapters inside `transformer` that are not its own `PeftModel` adapters: those
+    loaded into a diffusers model with `pipe.load_lora_weights` / `transformer.load_lora_adapter` (fused or not)."""
+    own = set(transformer.peft_config) if isinstance(transformer, PeftModel) else set()
+    names = {name for module in transformer.modules() if isinstance(module, BaseTunerLayer)
+             for name in module.active_adapters}
+    return sorted(names - own)
+
+
+def check_no_loaded_adapters(transformer: torch.nn.Module) -> None:
+    """Refuse a transformer that carries adapters loaded into a diffusers pipeline.
+
+    Training such a model would update the loaded adapter and the base weights together (or stack a new adapter on
+    it) and save weights whose keys (`base_layer`, `lora_A.default_0`) stock diffusers cannot load. The fix is to
+    fuse the adapter into the base weights first; the message says how.
+    """
+    names = loaded_adapters(transformer)
+    if names:
+        raise ValueError(
+            f"the transformer carries LoRA adapter(s) {names} loaded into the pipeline (load_lora_weights / "
+            "load_lora_adapter). Training it as it is would update adapter and base weights together and save weights "
+            "stock diffusers cannot load. Fuse the adapter into the base weights first: `pipe.fuse_lora()` then "
+            "`pipe.unload_lora_weights()` (for pipelines without a LoRA loader, such as OvisImagePipeline: "
+            "`pipe.transformer.fuse_lora()` then `pipe.transformer.unload_lora()`), then train the full weights or a "
+            "new adapter (peft_config).")
 
 
 def disable_dropout(module: torch.nn.Module) -> None:
@@ -69,22 +114,24 @@ def frozen_copy(transformer: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def reference_policy(policy: FlowPolicy, reference_transformer: torch.nn.Module | None = None) -> Iterator[FlowPolicy]:
-    """A policy that predicts with the reference weights, inside a `with` block.
+def reference_transformer(transformer: torch.nn.Module,
+                          frozen: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+    """The module that predicts with the reference weights, inside a `with` block; pass it to
+    `FlowPolicy.predict_velocity(..., transformer=...)`.
 
-    With `reference_transformer` (full fine-tuning) the policy's components are reused around that
-    transformer; without it the policy must be a LoRA model, and the reference is the same model with its
-    adapter disabled (`PeftModel.disable_adapter()`).
+    Args:
+        transformer (`torch.nn.Module`): the trained transformer (a `PeftModel` for LoRA).
+        frozen (`torch.nn.Module`, *optional*): the reference of full fine-tuning (see [`frozen_copy`]), yielded as
+            it is. Without it `transformer` must be a LoRA model, and the reference is the same model with its
+            adapter disabled (`PeftModel.disable_adapter()`), at no memory cost.
     """
-    if reference_transformer is not None:
-        reference = copy.copy(policy)
-        reference.transformer = reference_transformer
-        yield reference
-    elif isinstance(policy.transformer, PeftModel):
-        with policy.transformer.disable_adapter():
-            yield policy
+    if frozen is not None:
+        yield frozen
+    elif isinstance(transformer, PeftModel):
+        with transformer.disable_adapter():
+            yield transformer
     else:
-        raise ValueError("full fine-tuning needs a `reference_transformer` (see `frozen_copy`)")
+        raise ValueError("full fine-tuning needs a frozen reference transformer (see `frozen_copy`)")
 
 
 def lora_state_dict(transformer: PeftModel,
@@ -95,7 +142,7 @@ def lora_state_dict(transformer: PeftModel,
         transformer (`peft.PeftModel`).
         state_dict (`dict`, *optional*): a full state dict gathered elsewhere (DeepSpeed ZeRO-3).
     """
-    weights = get_peft_model_state_dict(transformer, state_dict=state_dict)
+    weights = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=transformer.active_adapter)
     return {key.removeprefix(_PEFT_PREFIX): value.detach().cpu().contiguous() for key, value in weights.items()}
 
 
@@ -150,35 +197,63 @@ def save_trained(transformer: torch.nn.Module, save_directory: str,
     return False
 
 
-def write_model_card(save_directory: str, *, method: str, base_model: str | None, lora: bool,
+def loading_code(save_directory: str, base_model: str | None, transformer: torch.nn.Module) -> str:
+    """Python that loads what [`save_trained`] wrote in `save_directory` into the base pipeline, with stock
+    diffusers only; it runs as written when `base_model` is a Hub id or folder (a model card shows it).
+
+    Args:
+        save_directory (`str`): the folder written (its absolute path is used).
+        base_model (`str`, *optional*): Hub id or folder of the base pipeline; `None` writes `BASE_MODEL` in its place.
+        transformer (`torch.nn.Module`): the trained transformer (a `PeftModel` for LoRA).
+    """
+    folder = json.dumps(os.path.abspath(save_directory))
+    base = json.dumps(base_model if base_model else "BASE_MODEL")
+    if is_lora(transformer):
+        return ("from diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained({base})\n"
+                f"pipe.transformer.load_lora_adapter({folder}, prefix=\"{TRANSFORMER_PREFIX}\",\n"
+                f"                                   weight_name=\"{LORA_WEIGHT_NAME}\")\n")
+    cls = type(base_transformer(transformer))
+    diffusers = importlib.import_module("diffusers")
+    module = "diffusers" if getattr(diffusers, cls.__name__, None) is cls else cls.__module__
+    imports = (f"from diffusers import DiffusionPipeline, {cls.__name__}\n" if module == "diffusers" else
+               f"from diffusers import DiffusionPipeline\nfrom {module} import {cls.__name__}\n")
+    return (f"{imports}\n"
+            f"transformer = {cls.__name__}.from_pretrained({folder}, subfolder=\"{TRANSFORMER_PREFIX}\")\n"
+            f"pipe = DiffusionPipeline.from_pretrained({base}, transformer=transformer)\n")
+
+
+def write_model_card(save_directory: str, *, method: str, base_model: str | None, transformer: torch.nn.Module,
                      details: dict[str, object] | None = None, metrics: dict[str, float] | None = None) -> str:
-    """Write a short `README.md`: what was trained, from what, how to load it, and final metrics.
+    """Write a short `README.md`: what was trained, from which base model, how to load it (code that runs as
+    written, see [`loading_code`]), the training settings and the final metrics.
 
     Args:
         method (`str`): e.g. `"GRPO"`.
-        base_model (`str`, *optional*): name or path of the base pipeline.
-        lora (`bool`): LoRA adapter or full weights.
+        base_model (`str`, *optional*): Hub id or folder of the base pipeline (`FlowPolicy.base_model_name_or_path`).
+        transformer (`torch.nn.Module`): the trained transformer (a `PeftModel` for LoRA).
         details (`dict`, *optional*): training facts (reward functions, steps, ...), one line each.
         metrics (`dict[str, float]`, *optional*): final metrics, one line each.
     """
-    base = base_model or "(base pipeline not recorded)"
-    if lora:
-        how = (f"from rlhf_image.model_io import load_lora\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\n"
-               "load_lora(pipe, \"<this folder>\")  # pipe.load_lora_weights(...) where the pipeline supports it")
-    else:
-        how = (f"transformer = <TransformerClass>.from_pretrained(\"<this folder>\", subfolder=\"transformer\")\n"
-               f"pipe = DiffusionPipeline.from_pretrained(\"{base}\", transformer=transformer)")
+    lora = is_lora(transformer)
+    base = base_model or "a base model that was not recorded"
     tags = ["rlhf-image", method.lower()] + (["lora"] if lora else [])
+    front = ["---", "library_name: diffusers", "tags: [" + ", ".join(tags) + "]"]
+    if base_model and not os.path.isdir(base_model):  # a Hub id: the Hub links it
+        front.append(f"base_model: {base_model}")
+    unrecorded = [] if base_model else [
+        "The base model was not recorded (the pipeline was built in memory): replace `BASE_MODEL` below by its Hub id "
+        "or folder, or set `policy.base_model_name_or_path` before training.", ""]
     lines = [
-        "---", "library_name: diffusers", "tags: [" + ", ".join(tags) + "]",
-        "---", "", f"# {method} fine-tune of {base}", "",
+        *front, "---", "", f"# {method} fine-tune of {base}", "",
         f"{'LoRA adapter' if lora else 'Full transformer weights'} trained with rlhf-image's {method} trainer.", "",
+        "## Loading", "", *unrecorded, "```python", loading_code(save_directory, base_model, transformer).rstrip("\n"),
+        "```", "",
         "## Training", "",
-        f"- base model: {base}",
+        f"- base model: {base_model or '(not recorded)'}",
         *[f"- {key}: {value}" for key, value in (details or {}).items()],
         "", "## Final metrics", "",
-        *([f"- {key}: {value:.6g}" for key, value in metrics.items()] if metrics else ["- (none logged)"]),
-        "", "## Loading", "", "```python", how, "```", "",
+        *([f"- {key}: {value:.6g}" for key, value in metrics.items()] if metrics else ["- (none logged)"]), "",
     ]
     path = os.path.join(save_directory, "README.md")
     os.makedirs(save_directory, exist_ok=True)

@@ -35,9 +35,9 @@ from typing import Any
 
 from rlhf_image.rewards.compose import RewardSet
 
-from .data import UNREADABLE_IMAGE_ERRORS, resize_to_bucket
+from .data import UNREADABLE_IMAGE_ERRORS, load_image, resize_to_bucket
 from .policy import FlowPolicy
-from .preference_data import MANIFEST_NAME, load_image, read_jsonl
+from .preference_data import MANIFEST_NAME, read_jsonl
 from .sampling import generate
 
 SKIPPED_NAME = "skipped.jsonl"

@@ -192,7 +192,8 @@ def generate(
 
 
 def transition_log_prob(
-    policy: FlowPolicy, trajectory: Trajectory, j: int, guidance_scale: float | None = None
+    policy: FlowPolicy, trajectory: Trajectory, j: int, guidance_scale: float | None = None, *,
+    transformer: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of the recorded transition `j` (step `trajectory.step_indices[j]`) under `policy`'s
     current weights; differentiable. Call it on micro-batches of the size used for sampling to get a
@@ -200,6 +201,8 @@ def transition_log_prob(
 
     Args:
         guidance_scale (`float`, *optional*): CFG used in training; defaults to the rollout's scale.
+        transformer (`torch.nn.Module`, *optional*): the module to call (a trainer's DDP / DeepSpeed wrapper, or a
+            reference); see `FlowPolicy.predict_velocity`.
 
     Returns:
         `(log_prob [B], mean [B, C, h, w], std)`, float32.
@@ -208,7 +211,7 @@ def transition_log_prob(
     sigma, sigma_next = trajectory.sigmas[step], trajectory.sigmas[step + 1]
     scale = trajectory.guidance_scale if guidance_scale is None else guidance_scale
     velocity = policy.predict_velocity(trajectory.latents[:, j], sigma, trajectory.cond,
-                                       trajectory.negative_cond if scale > 1 else None, scale)
+                                       trajectory.negative_cond if scale > 1 else None, scale, transformer=transformer)
     _, log_prob, mean, std = STEP_FUNCTIONS[trajectory.sde_type](
         velocity, trajectory.latents[:, j], sigma, sigma_next, trajectory.noise_level,
         prev_sample=trajectory.latents[:, j + 1])

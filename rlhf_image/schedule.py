@@ -1,5 +1,10 @@
 """Noise schedules: inference sigmas as the diffusers flow-matching pipelines compute them, and the
-training-time sigma distributions of rectified-flow training (SD3, FLUX, Ovis-Image)."""
+training-time sigma distributions of rectified-flow training (SD3, FLUX, Ovis-Image).
+
+diffusers' own functions are used where it has them, each checked against the formula in tests/test_schedule.py:
+the resolution-dependent shift `calculate_shift` (of the FLUX and Ovis-Image pipelines; `mu` linear in the number
+of image tokens), the timestep densities (`training_utils.compute_density_for_timestep_sampling`) and the SD3 loss
+weightings (`training_utils.compute_loss_weighting_for_sd3`)."""
 
 from __future__ import annotations
 
@@ -9,18 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.pipelines.ovis_image.pipeline_ovis_image import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """Resolution-dependent shift `mu`, linear in the number of image tokens (FLUX, Ovis-Image)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+__all__ = ["calculate_shift", "inference_sigmas", "loss_weighting", "sample_training_sigmas", "shift_training_sigmas",
+           "time_shift"]
 
 
 def time_shift(sigmas: np.ndarray | torch.Tensor, mu: float, kind: str = "exponential"):
@@ -74,42 +72,58 @@ def sample_training_sigmas(
     *,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
-    mu: float | None = None,
-    shift: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw training noise levels for the rectified-flow loss.
-
-    `logit_normal` (SD3, Ovis-Image): `s = sigmoid(logit_mean + logit_std z)`; `uniform`: `s ~ U(0, 1)`.
-    Then optionally shifted toward noise, either resolution-dependently (`mu`, as at inference, see
-    [`calculate_shift`]) or by a static `shift` (`shift s / (1 + (shift - 1) s)`).
+    """Draw training noise levels for the rectified-flow loss, before any shift (see [`shift_training_sigmas`]):
+    `logit_normal` (SD3, Ovis-Image) `s = sigmoid(logit_mean + logit_std z)`, or `uniform` `s ~ U(0, 1)`, with
+    diffusers' `compute_density_for_timestep_sampling`.
 
     Returns:
         `torch.Tensor` of shape `[batch_size]`, float32, in (0, 1).
     """
-    if mu is not None and shift is not None:
-        raise ValueError("pass either `mu` (resolution-dependent shift) or `shift` (static shift), not both")
-    if scheme == "logit_normal":
-        z = torch.randn(batch_size, generator=generator)
-        sigmas = torch.sigmoid(logit_mean + logit_std * z)
-    elif scheme == "uniform":
-        sigmas = torch.rand(batch_size, generator=generator)
-    else:
+    if scheme not in ("logit_normal", "uniform"):
         raise ValueError(f"unknown timestep sampling scheme {scheme!r}; use 'logit_normal' or 'uniform'")
-    if mu is not None:
-        sigmas = time_shift(sigmas, mu)
-    elif shift is not None:
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return sigmas.float()
+    return compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std,
+                                                 generator=generator).float()
+
+
+def shift_training_sigmas(sigmas: torch.Tensor, image_seq_len: int, scheduler_config: Mapping[str, Any],
+                          mode: str = "resolution") -> torch.Tensor:
+    """Shift training sigmas toward noise as the model's scheduler shifts its inference sigmas; the one training
+    shift of the library, used by every trainer that draws training sigmas.
+
+    Args:
+        sigmas (`torch.Tensor` of shape `[B]`): drawn noise levels in (0, 1) (see [`sample_training_sigmas`]).
+        image_seq_len (`int`): number of image tokens the transformer sees (`FlowPolicy.image_seq_len`).
+        scheduler_config (`Mapping`): the model's `FlowMatchEulerDiscreteScheduler` config.
+        mode (`str`, defaults to `"resolution"`): `"resolution"`: by `mu = calculate_shift(image_seq_len, ...)` from
+            the scheduler config, with the scheduler's `time_shift_type` (`"exponential"`, FLUX and Ovis-Image, or
+            `"linear"`), exactly as `FlowMatchEulerDiscreteScheduler.time_shift`; `"static"`: by the config's static
+            `shift`, `shift s / (1 + (shift - 1) s)`; `"none"`: unchanged.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32.
+    """
+    if mode == "none":
+        return sigmas
+    if mode == "static":
+        shift = float(scheduler_config.get("shift", 1.0))
+        return (shift * sigmas / (1 + (shift - 1) * sigmas)).float()
+    if mode != "resolution":
+        raise ValueError(f"unknown timestep shift {mode!r}; use 'resolution', 'static' or 'none'")
+    mu = calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
+                         scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                         scheduler_config.get("max_shift", 1.15))
+    kind = scheduler_config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"scheduler time_shift_type {kind!r} is neither 'exponential' nor 'linear'")
+    return time_shift(sigmas, mu, kind).float()
 
 
 def loss_weighting(sigmas: torch.Tensor, scheme: str = "none") -> torch.Tensor:
-    """Per-sample loss weights for the rectified-flow loss: `none` (1), `sigma_sqrt` (`s^-2`, as in
-    diffusers' SD3 training script) or `cosmap` (`2 / (pi (1 - 2s + 2s^2))`, SD3 paper)."""
-    if scheme == "none":
-        return torch.ones_like(sigmas)
-    if scheme == "sigma_sqrt":
-        return (sigmas**-2.0).float()
-    if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    raise ValueError(f"unknown loss weighting {scheme!r}; use 'none', 'sigma_sqrt' or 'cosmap'")
+    """Per-sample loss weights for the rectified-flow loss, with diffusers' `compute_loss_weighting_for_sd3`:
+    `none` (1), `sigma_sqrt` (`s^-2`, as in diffusers' SD3 training script) or `cosmap`
+    (`2 / (pi (1 - 2s + 2s^2))`, SD3 paper)."""
+    if scheme not in ("none", "sigma_sqrt", "cosmap"):
+        raise ValueError(f"unknown loss weighting {scheme!r}; use 'none', 'sigma_sqrt' or 'cosmap'")
+    return compute_loss_weighting_for_sd3(scheme, sigmas)

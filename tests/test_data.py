@@ -50,11 +50,11 @@ def _check(dataset, key_of):
             assert item is None
         else:
             seen[name] = item
-            assert item["caption"] == samples[name][1]
+            assert item["prompt"] == samples[name][1]
             assert np.array_equal(np.asarray(item["image"]), np.asarray(samples[name][2]))
     assert sorted(seen) == ["a", "b", "c"]
     assert dataset.num_skipped == 2
-    assert [it["caption"] for it in dataset] == [dataset[i]["caption"] for i in range(len(dataset))
+    assert [it["prompt"] for it in dataset] == [dataset[i]["prompt"] for i in range(len(dataset))
                                                  if dataset[i] is not None]
     assert dataset.num_skipped == 2  # counted once per image, however often it is read
 
@@ -83,10 +83,10 @@ def test_manifest(tmp_path, fmt):
             writer = csv.DictWriter(f, fieldnames=["file", "text", "score"])
             writer.writeheader()
             writer.writerows(rows)
-    dataset = ManifestDataset(str(path), image_column="file", caption_column="text")
+    dataset = ManifestDataset(str(path), image_column="file", prompt_column="text")
     _check(dataset, lambda key: os.path.splitext(os.path.basename(key))[0])
     assert dataset[0]["score"] == "7"  # extra columns pass through
-    with pytest.raises(ValueError, match="caption_column"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['image', 'prompt'\].*prompt_column"):
         ManifestDataset(str(path))
 
 
@@ -105,7 +105,7 @@ def test_parquet(tmp_path):
     (tmp_path / "last.png").write_bytes(samples[names[4]][0])
     pq.write_table(pa.table({"image": ["last.png"], "caption": [samples[names[4]][1]], "name": names[4:]}),
                    tmp_path / "part2.parquet")
-    dataset = ParquetImageDataset(str(tmp_path / "*.parquet"))
+    dataset = ParquetImageDataset(str(tmp_path / "*.parquet"), prompt_column="caption")  # files' text column
     _check(dataset, lambda key: names[{"part0.parquet": 0, "part1.parquet": 2, "part2.parquet": 4}[key.split(":")[0]]
                                       + int(key.split(":")[1])])
     assert [dataset._text(i)["name"] for i in range(len(dataset))] == names

@@ -240,7 +240,8 @@ def test_grpo_ovis_example_resumes_and_its_lora_reloads_in_diffusers(tmp_path):
     assert expected_files <= set(out["files"])
     # The resumed run started from the interrupted run's checkpoint-2: one step of its own, three in the history.
     assert len(out["rewards"]) == 3
-    assert json.loads((tmp_path / "checkpoint-2" / "grpo_state.json").read_text())["global_step"] == 2
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and "TrainerCounters" in state["stateful_callbacks"]  # the trainer's counts
     assert sorted(p.name for p in (tmp_path / "samples").iterdir())[:2] == ["step_000000.json", "step_000000.png"]
     trained = ode_samples(trainer.policy)
     reloaded = ode_samples(FlowPolicy.from_pipeline(out["pipe"], max_sequence_length=24))

@@ -16,7 +16,8 @@ from rlhf_image.losses import interpolate, per_sample_mse
 from rlhf_image.policy import Conditioning, FlowPolicy
 from rlhf_image.preference_data import collate_pairs
 from rlhf_image.sampling import generate
-from rlhf_image.schedule import calculate_shift, sample_training_sigmas
+from rlhf_image.schedule import calculate_shift
+from rlhf_image.seeding import Stream, seeded_generator
 from tiny_models import tiny_ovis_pipeline
 
 LOG2_FLOAT32 = torch.log(torch.tensor(2.0)).item()
@@ -83,9 +84,11 @@ def test_loss_and_gradient_match_an_independent_computation(tmp_path, sdpo):
     grads = [p.grad.clone() for p in trainer.model.parameters()]
 
     # Independent: the same draws, winner and loser through the transformer separately, the formula by hand.
-    trainer._draw_step = -1
-    generator = trainer._generator("train")
-    sigma = sample_training_sigmas(3, "logit_normal", mu=calculate_shift(16), generator=generator)
+    generator = seeded_generator(0, Stream.MICRO_BATCH, 0)  # micro-batch 0 of step 0
+    torch.rand(3, generator=generator)  # the CFG-dropout draws come first (probability 0 here)
+    s = torch.sigmoid(torch.randn(3, generator=generator))  # logit-normal
+    mu = calculate_shift(16)  # 16 image tokens; the exponential shift of the Ovis-Image scheduler
+    sigma = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
     noise = torch.randn(3, 4, 8, 8, generator=generator)
     check = make_policy(0)
     x0_w = check.encode_images([r["chosen"] for r in rows])
@@ -176,7 +179,7 @@ def test_caches_give_the_same_losses_and_are_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(again.policy, "encode_prompt", fail)
     again.train()
     assert [e["dpo_loss"] for e in dpo_logs(again)] == [e["dpo_loss"] for e in dpo_logs(plain)]
-    assert again.encoder.latent_cache.num_hits >= 8 and again.encoder.latent_cache.num_misses == 0
+    assert again.encoders.latent_cache.num_hits >= 8 and again.encoders.latent_cache.num_misses == 0
 
 
 def test_precomputed_latents_and_text_embeddings_train_like_images(tmp_path):
@@ -202,16 +205,16 @@ def test_height_and_width_train_on_non_square_images(tmp_path):
     trainer = DPOTrainer(policy, args=config(tmp_path, height=16, width=32, max_steps=1),
                          train_dataset=bright_dark_rows(2))
     rows = bright_dark_rows(2)
-    latents = trainer.encoder.latents([r["chosen"] for r in rows])
+    latents = trainer.encoders.source_latents([r["chosen"] for r in rows], (16, 32))
     assert latents.shape[-2:] == policy.latent_size(16, 32)
     trainer.train()
     assert math.isfinite(dpo_logs(trainer)[0]["dpo_loss"])
 
 
 def test_rejects_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="height 18 .* use 16"):
+    with pytest.raises(ValueError, match="resolution=18: image size 18x18 px.* use e.g. 16x16"):
         DPOTrainer(make_policy(), args=config(tmp_path, resolution=18), train_dataset=bright_dark_rows(2))
-    with pytest.raises(ValueError, match="width 22 .* use 20"):
+    with pytest.raises(ValueError, match="width=22: image size 16x22 px"):
         DPOTrainer(make_policy(), args=config(tmp_path, resolution=16, width=22), train_dataset=bright_dark_rows(2))
     with pytest.raises(ValueError, match="ref_model"):
         DPOTrainer(make_policy(), ref_model=make_policy(1), args=config(tmp_path), train_dataset=bright_dark_rows(2),

@@ -15,8 +15,9 @@ from transformers import TrainerCallback
 from rlhf_image.recipes.ovis_image.model import ovis_image_tiny
 from rlhf_image.data import ManifestDataset, nearest_bucket
 from rlhf_image.fm_config import FlowMatchingConfig
-from rlhf_image.fm_trainer import BucketCollator, FlowMatchingTrainer, noise_seed
+from rlhf_image.fm_trainer import BucketCollator, FlowMatchingTrainer
 from rlhf_image.policy import FlowPolicy
+from rlhf_image.seeding import Stream, seeded_generator
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
@@ -36,7 +37,7 @@ class Squares(torch.utils.data.Dataset):
         image = PIL.Image.new("RGB", (w, h))
         x, y = (i // 4) % 2 * (w // 2), (i // 8) % 2 * (h // 2)
         image.paste(PIL.Image.new("RGB", (w // 2, h // 2), COLOURS[name]), (x, y))
-        return {"image": image, "caption": f"a {name} square", "key": f"sq{i}"}
+        return {"image": image, "prompt": f"a {name} square", "key": f"sq{i}"}
 
 
 def make_policy(seed=0):
@@ -74,7 +75,7 @@ def test_loss_matches_hand_computation(tmp_path):
     x0 = (vae.encode(batch["pixel_values"] * 2 - 1).latent_dist.mode() - vae.config.shift_factor) \
         * vae.config.scaling_factor
     x0[2] = 0  # the unreadable row
-    prompts = ["" if d or i == 2 else batch["captions"][i] for i, d in enumerate(dropped.tolist())]
+    prompts = ["" if d or i == 2 else batch["prompts"][i] for i, d in enumerate(dropped.tolist())]
     x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
     with torch.no_grad():
         v = policy.predict_velocity(x_t, s, policy.encode_prompt(prompts))
@@ -88,14 +89,15 @@ def test_loss_matches_hand_computation(tmp_path):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     assert loss.requires_grad
 
-    # compute_loss seeds each micro-batch by its global number: (step * GA + micro) * world + rank
-    trainer.args.gradient_accumulation_steps = 2
+    # a training step seeds each micro-batch by its global number: (step * GA + micro) * world + rank
+    trainer.args.gradient_accumulation_steps = trainer.current_gradient_accumulation_steps = 2
     for step, micro in [(0, 0), (0, 1), (3, 0)]:
         trainer.state.global_step = step
-        got = trainer.compute_loss(trainer.model, batch)
+        got = trainer.training_step(trainer.model, batch)  # the loss divided by the accumulation steps
         want = trainer.flow_matching_step(trainer.model, batch,
-                                          torch.Generator().manual_seed(noise_seed(0, 0, step * 2 + micro)))[0]
-        assert torch.equal(got, want)
+                                          seeded_generator(0, Stream.MICRO_BATCH, step * 2 + micro))[0]
+        assert trainer.micro_batch_index == micro
+        assert torch.equal(got, want.detach() / 2)
 
 
 def test_training_lowers_loss(tmp_path):
@@ -116,13 +118,13 @@ def test_batches_have_one_bucket(tmp_path):
 
     class Recording(FlowMatchingTrainer):
         def flow_matching_step(self, model, inputs, generator):
-            seen.append((tuple(inputs["pixel_values"].shape[-2:]), list(inputs["captions"])))
+            seen.append((tuple(inputs["pixel_values"].shape[-2:]), list(inputs["prompts"])))
             return super().flow_matching_step(model, inputs, generator)
 
     class Sized(Squares):  # the caption tells the source size
         def __getitem__(self, i):
             item = super().__getitem__(i)
-            return {**item, "caption": f"{item['image'].height} {item['image'].width}"}
+            return {**item, "prompt": f"{item['image'].height} {item['image'].width}"}
 
     data = Sized(24, sizes)
     trainer = Recording(make_policy(), args=make_config(tmp_path, buckets=["16x16", "16x32", "32x16"],
@@ -249,7 +251,7 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path):
     rows = []
     for i in range(6):
         Squares(8)[i]["image"].save(folder / f"{i}.png")
-        rows.append({"image": f"{i}.png", "caption": Squares(8)[i]["caption"]})
+        rows.append({"image": f"{i}.png", "prompt": Squares(8)[i]["prompt"]})
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:40])  # truncated
     (folder / "4.png").write_text("not a png")
     (folder / "m.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
@@ -278,7 +280,7 @@ def test_gradient_checkpointing_and_bf16_run(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("timestep_sampling", "gaussian", "timestep_sampling"), ("cfg_dropout_prob", 1.0, "cfg_dropout_prob"),
-    ("buckets", ["64by64"], "buckets"), ("loss_weighting", "snr", "loss_weighting"),
+    ("buckets", ["64by64"], "buckets"), ("buckets", ["32x4000"], "buckets"), ("loss_weighting", "snr", "loss_weighting"),
     ("ema_decay", 1.0, "ema_decay"), ("cache_dir", "/tmp/x", "cache_dir"), ("logit_std", 0.0, "logit_std"),
     ("remove_unused_columns", True, "remove_unused_columns")])
 def test_config_validation(tmp_path, field, value, match):
@@ -287,8 +289,11 @@ def test_config_validation(tmp_path, field, value, match):
 
 
 def test_buckets_must_fit_the_model(tmp_path):
-    with pytest.raises(ValueError, match="buckets"):
+    with pytest.raises(ValueError, match=r"FlowMatchingConfig.resolution=18: image size 18x18 px.* use e.g. 16x16"):
         FlowMatchingTrainer(make_policy(), args=make_config(tmp_path, resolution=18), train_dataset=Squares(4))
+    with pytest.raises(ValueError, match=r"FlowMatchingConfig.buckets=.*image size 16x18 px"):
+        FlowMatchingTrainer(make_policy(), args=make_config(tmp_path, buckets=["16x16", "16x18"]),
+                            train_dataset=Squares(4))
 
 
 def test_checkpoint_weights_are_safetensors(tmp_path):

@@ -27,7 +27,7 @@ def test_every_field_documented():
         assert f.metadata.get("help"), f.name
     docstring = GRPOConfig.__doc__
     for name in ("num_generations", "sde_window_range", "timestep_fraction", "epsilon", "beta", "scale_rewards",
-                 "reward_aggregation", "max_consecutive_nonfinite", "debug_ratio_check", "peak_flops"):
+                 "reward_aggregation", "max_consecutive_unscored", "debug_ratio_check", "peak_flops"):
         assert f"{name} (`" in docstring, name
 
 

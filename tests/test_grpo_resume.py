@@ -53,9 +53,12 @@ def test_resume_continues_exactly(tmp_path, use_lora):
     assert first.state.global_step == 2
     checkpoint = tmp_path / "split" / "checkpoint-2"
     weight_file = "adapter_model.safetensors" if use_lora else "model.safetensors"
-    for name in (weight_file, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "grpo_state.json"):
+    for name in (weight_file, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         assert os.path.isfile(checkpoint / name), name
-    assert json.load(open(checkpoint / "grpo_state.json"))["global_step"] == 2
+    # The running counts live in the Trainer's own state, as a stateful callback (no file of the trainer's own).
+    state = json.load(open(checkpoint / "trainer_state.json"))
+    assert state["global_step"] == 2
+    assert state["stateful_callbacks"]["TrainerCounters"]["args"]["counts"]["nonfinite/skipped_steps_total"] == 0
 
     resumed = make_trainer(tmp_path / "split", use_lora)  # a new trainer object from the base model
     resumed.train(resume_from_checkpoint=str(checkpoint))

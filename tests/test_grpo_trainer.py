@@ -13,8 +13,9 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from rlhf_image import GRPOTrainer, InProcessRolloutEngine
-from rlhf_image.grpo_trainer import derive_seed
+from rlhf_image.rewards import RewardError
 from rlhf_image.sampling import generate
+from rlhf_image.seeding import Stream, derive_seed
 
 
 def lora():
@@ -172,7 +173,7 @@ def test_window_seeds_columns_and_custom_engine(tmp_path):
     assert all(1 <= start and start + 2 == end <= 5 for start, end in windows)
     assert windows == [trainer._window(step) for step in range(3)]  # a function of (seed, step) only
     for step, call in enumerate(engine.calls):
-        assert call["seeds"] == [derive_seed(0, 0, step, i) for i in range(8)]
+        assert call["seeds"] == [derive_seed(0, Stream.SAMPLE_NOISE, step, i) for i in range(8)]
         assert call["columns"]["target"] == [p.upper() for p in call["prompts"]]
         assert call["prompts"][0] == call["prompts"][3] and call["prompts"][4] == call["prompts"][7]
     assert len({s for call in engine.calls for s in call["seeds"]}) == 24  # distinct noise per sample
@@ -198,7 +199,7 @@ def test_evaluate_scores_deterministic_samples(tmp_path):
     eval_rows = [{"prompt": "a cat"}, {"prompt": "a boat"}, {"prompt": "the sun"}]
     trainer = GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), eval_dataset=eval_rows)
     metrics = trainer.evaluate()
-    seeds = [derive_seed(0, 3, i) for i in range(3)]
+    seeds = [derive_seed(0, Stream.EVALUATION, i) for i in range(3)]
     trajectory = generate(trainer.policy, [r["prompt"] for r in eval_rows], seeds, height=32, width=32, num_steps=4,
                           micro_batch_size=4)
     expected = np.mean(brightness(None, trajectory.pil_images()))
@@ -224,7 +225,7 @@ def test_reward_weights_given_twice_or_mismatched(tmp_path):
     with pytest.raises(ValueError, match="one weight per reward"):
         GRPOTrainer(ovis_policy(), [brightness, redness], args=tiny_config(tmp_path), train_dataset=dataset(),
                     reward_weights=[2.0])
-    with pytest.raises(ValueError, match="'prompt' column"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\].*first row has \['text'\]"):
         GRPOTrainer(ovis_policy(), brightness, args=tiny_config(tmp_path), train_dataset=[{"text": "x"}])
 
 
@@ -247,3 +248,51 @@ def test_samples_go_to_a_wandb_table_when_reporting_to_wandb(tmp_path, monkeypat
     assert table.columns == ["image", "prompt", "brightness", "redness", "total", "advantage"]
     assert len(table.data) == 3 and data["train/global_step"] == 0
     assert not (tmp_path / "samples").exists()  # the table went to wandb instead of PNG + JSON
+
+
+def test_a_reward_that_raises_names_itself_and_the_step(tmp_path):
+    calls = []
+
+    def flaky_ocr(prompts, images, **columns):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise ConnectionError("OCR server unreachable")
+        return brightness(prompts, images)
+
+    trainer = GRPOTrainer(ovis_policy(), [brightness, flaky_ocr], args=tiny_config(tmp_path, max_steps=3),
+                          train_dataset=dataset())
+    with pytest.raises(RewardError, match=r"GRPO step 2: reward 'flaky_ocr' raised ConnectionError on a batch of 8 "
+                                          r"samples: OCR server unreachable") as info:
+        trainer.train()
+    cause = info.value.__cause__
+    assert isinstance(cause, RewardError) and isinstance(cause.__cause__, ConnectionError)  # the user's exception
+
+
+def test_rollouts_with_no_sample_scored_warn_then_stop(tmp_path, caplog):
+    def unreachable(prompts, images, **columns):
+        return [None] * len(prompts)  # e.g. a served reward with on_failure="none" whose server is down
+
+    trainer = GRPOTrainer(ovis_policy(), unreachable, args=tiny_config(tmp_path, max_steps=5,
+                                                                       max_consecutive_unscored=3),
+                          train_dataset=dataset())
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match=r"3 rollout batches in a row had no sample "
+                                                                        r"scored .*up to step 3 .*"
+                                                                        r"max_consecutive_unscored=3"):
+        trainer.train()
+    warnings = [r.message for r in caplog.records if "could be scored" in r.message]
+    assert len(warnings) == 1 and "step 1" in warnings[0]
+    assert trainer.state.global_step == 2
+
+
+def test_unscored_rollouts_in_a_row_reset_when_one_scores(tmp_path):
+    calls = []
+
+    def sometimes(prompts, images, **columns):
+        calls.append(1)
+        return [None] * len(prompts) if len(calls) % 2 else brightness(prompts, images)
+
+    trainer = GRPOTrainer(ovis_policy(), sometimes, args=tiny_config(tmp_path, max_steps=4,
+                                                                     max_consecutive_unscored=2),
+                          train_dataset=dataset())
+    trainer.train()
+    assert logged(trainer, "rewards/unscored_rollouts_consecutive") == [1.0, 0.0, 1.0, 0.0]

@@ -9,17 +9,18 @@ from peft import LoraConfig
 from tiny_models import tiny_flux_pipeline, tiny_ovis_pipeline
 
 from rlhf_image.model_io import (LORA_WEIGHT_NAME, base_transformer, frozen_copy, is_lora, load_lora,
-                                 prepare_transformer, reference_policy, save_full, save_lora, write_model_card)
+                                 prepare_transformer, reference_transformer, save_full, save_lora, write_model_card)
 from rlhf_image.policy import FlowPolicy
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
-def _velocity(policy, seed=0):
+def _velocity(policy, seed=0, transformer=None):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, policy.num_latent_channels, 4, 4, generator=generator)
     with torch.no_grad():
-        return policy.predict_velocity(latents, 0.6, policy.encode_prompt(["a red square", "blue"]))
+        return policy.predict_velocity(latents, 0.6, policy.encode_prompt(["a red square", "blue"]),
+                                       transformer=transformer)
 
 
 def _perturb(module, seed=1):
@@ -89,8 +90,8 @@ def test_reference_policies():
     policy.transformer = prepare_transformer(policy.transformer, LoraConfig(**LORA))
     _perturb(policy.transformer)
     assert not torch.equal(_velocity(policy), base)
-    with reference_policy(policy) as reference:  # adapter disabled
-        assert torch.equal(_velocity(reference), base)
+    with reference_transformer(policy.transformer) as reference:  # adapter disabled
+        assert torch.equal(_velocity(policy, transformer=reference), base)
     assert not torch.equal(_velocity(policy), base)  # re-enabled on exit
 
     full = FlowPolicy.from_pipeline(tiny_ovis_pipeline())
@@ -98,18 +99,24 @@ def test_reference_policies():
     copy = frozen_copy(full.transformer)
     assert not any(p.requires_grad for p in copy.parameters())
     _perturb(full.transformer)
-    with reference_policy(full, copy) as reference:
-        assert torch.equal(_velocity(reference), base)
-        assert reference.vae is full.vae  # components are shared, not copied
-    with pytest.raises(ValueError, match="reference_transformer"):
-        with reference_policy(full):
+    with reference_transformer(full.transformer, copy) as reference:
+        assert reference is copy
+        assert torch.equal(_velocity(full, transformer=reference), base)
+    with pytest.raises(ValueError, match="frozen reference transformer"):
+        with reference_transformer(full.transformer):
             pass
 
 
 def test_model_card(tmp_path):
-    path = write_model_card(str(tmp_path), method="GRPO", base_model="org/base", lora=True,
+    lora = prepare_transformer(FlowPolicy.from_pipeline(tiny_ovis_pipeline()).transformer, LoraConfig(**LORA))
+    path = write_model_card(str(tmp_path), method="GRPO", base_model="org/base", transformer=lora,
                             details={"reward functions": "brightness (weight 1)", "steps": 7},
                             metrics={"rewards/brightness/mean": 0.625})
     text = open(path).read()
-    for expected in ("org/base", "LoRA adapter", "brightness (weight 1)", "steps: 7", "0.625", "load_lora"):
+    for expected in ("base_model: org/base", "LoRA adapter", "brightness (weight 1)", "steps: 7", "0.625",
+                     'DiffusionPipeline.from_pretrained("org/base")', "load_lora_adapter"):
         assert expected in text
+    full = FlowPolicy.from_pipeline(tiny_ovis_pipeline()).transformer
+    text = open(write_model_card(str(tmp_path), method="DPO", base_model=None, transformer=full)).read()
+    assert "from diffusers import DiffusionPipeline, OvisImageTransformer2DModel" in text
+    assert "was not recorded" in text and '"BASE_MODEL"' in text

@@ -53,11 +53,11 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(root) -> Path:
-    """8 rendered numbers, one of them unreadable: a JSONL manifest (image, caption, target_text), and the same
+    """8 rendered numbers, one of them unreadable: a JSONL manifest (image, prompt, target_text), and the same
     images with same-stem .txt captions (the folder format)."""
     path = TextRenderingDataset(8, image_size=(SIZE, SIZE)).write(str(root / "data"))
     for row in read_jsonl(path):
-        (root / "data" / row["image"]).with_suffix(".txt").write_text(row["caption"])
+        (root / "data" / row["image"]).with_suffix(".txt").write_text(row["prompt"])
     corrupt(root / "data" / "images" / "000003.png")
     return Path(path)
 

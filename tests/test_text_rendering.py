@@ -26,7 +26,7 @@ def test_deterministic_per_seed():
     b = TextRenderingDataset(12, mode="varied", vocabulary="mixed", image_size=(48, 128), seed=3)
     for i in (0, 5, 11):
         x, y = a[i], b[i]
-        assert x["caption"] == y["caption"] and x["target_text"] == y["target_text"]
+        assert x["prompt"] == y["prompt"] and x["target_text"] == y["target_text"]
         assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
     other = TextRenderingDataset(12, mode="varied", vocabulary="mixed", image_size=(48, 128), seed=4)
     assert [other[i]["target_text"] for i in range(12)] != [a[i]["target_text"] for i in range(12)]
@@ -70,7 +70,7 @@ def test_simple_mode():
     for i in range(20):
         item = dataset[i]
         assert re.fullmatch(r"\d{4}", item["target_text"])
-        assert item["caption"] == SIMPLE_TEMPLATE.format(item["target_text"])
+        assert item["prompt"] == SIMPLE_TEMPLATE.format(item["target_text"])
         pixels = np.asarray(item["image"].convert("L"))
         assert pixels.shape == (32, 96)
         ink = pixels < 128
@@ -97,7 +97,7 @@ def test_write_and_reload(tmp_path):
     loaded = ManifestDataset(manifest)
     assert len(loaded) == 5
     for i in range(5):
-        assert loaded[i]["caption"] == dataset[i]["caption"]
+        assert loaded[i]["prompt"] == dataset[i]["prompt"]
         assert loaded[i]["target_text"] == dataset[i]["target_text"]
         assert np.array_equal(np.asarray(loaded[i]["image"]), np.asarray(dataset[i]["image"]))
 
@@ -117,6 +117,6 @@ def test_ocr_reads_the_renders(mode, vocabulary, size):
     reward = OCRReward(use_det=mode == "varied")
     reads = [normalize_text(reward.read(it["image"])) for it in items]
     assert reads == [normalize_text(it["target_text"]) for it in items]  # exact reads (case and spaces aside)
-    scores = reward([it["caption"] for it in items], [it["image"] for it in items],
+    scores = reward([it["prompt"] for it in items], [it["image"] for it in items],
                     target_text=[it["target_text"] for it in items])
     assert scores == [1.0] * 6

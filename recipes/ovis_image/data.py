@@ -1,7 +1,7 @@
 """Synthetic text-rendering data (the Ovis-Image report's "rendering engine"): images of typeset
 English and Chinese text with captions that quote it.
 
-Each item is `{"image": PIL.Image, "caption": str, "target_text": str, "key": str}` and is a pure
+Each item is `{"image": PIL.Image, "prompt": str, "target_text": str, "key": str}` and is a pure
 function of `(seed, split, index)`: the same item every time, in any process. The target strings of the
 `"train"` and `"eval"` splits never overlap (a string's split is fixed by a hash of the string). The
 dataset feeds pretraining/SFT (an [`ImageTextDataset`]), GRPO prompts ([`TextRenderingDataset.prompt_records`])
@@ -216,7 +216,7 @@ class TextRenderingDataset(ImageTextDataset):
 
     def _text(self, index: int) -> dict[str, Any]:
         target, caption, _ = self._sample(index)
-        return {"caption": caption, "target_text": target, "key": f"text-rendering/{self.seed}/{self.split}/{index}"}
+        return {"prompt": caption, "target_text": target, "key": f"text-rendering/{self.seed}/{self.split}/{index}"}
 
     def prompt_records(self) -> list[dict[str, str]]:
         """`[{"prompt": caption, "target_text": target}]` for all items, without rendering (GRPO prompts)."""
@@ -299,7 +299,7 @@ class TextRenderingDataset(ImageTextDataset):
 
     # --- export -------------------------------------------------------------------------------
     def write(self, out_dir: str) -> str:
-        """Write `images/NNNNNN.png` and `manifest.jsonl` (image, caption, target_text) under `out_dir`,
+        """Write `images/NNNNNN.png` and `manifest.jsonl` (image, prompt, target_text) under `out_dir`,
         loadable with `rlhf_image.data.ManifestDataset`. Returns the manifest path."""
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
         manifest = os.path.join(out_dir, "manifest.jsonl")
@@ -308,6 +308,6 @@ class TextRenderingDataset(ImageTextDataset):
                 item = self[index]
                 relative = f"images/{index:06d}.png"
                 item["image"].save(os.path.join(out_dir, relative))
-                row = {"image": relative, "caption": item["caption"], "target_text": item["target_text"]}
+                row = {"image": relative, "prompt": item["prompt"], "target_text": item["target_text"]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return manifest

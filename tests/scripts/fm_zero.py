@@ -33,7 +33,7 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
 
 
 class Squares(torch.utils.data.Dataset):
-    """12 images: a coloured square on black at one of 4 positions; the caption names both."""
+    """12 images: a coloured square on black at one of 4 positions; the prompt names both."""
 
     def __len__(self):
         return 12
@@ -42,7 +42,7 @@ class Squares(torch.utils.data.Dataset):
         image = PIL.Image.new("RGB", (16, 16))
         x, y = (i // 4) % 2 * 8, (i // 8) % 2 * 8
         image.paste(PIL.Image.new("RGB", (8, 8), COLOURS[i % 4]), (x, y))
-        return {"image": image, "caption": f"square {i % 4} at {x},{y}", "key": str(i)}
+        return {"image": image, "prompt": f"square {i % 4} at {x},{y}", "key": str(i)}
 
 
 def make_policy() -> FlowPolicy:

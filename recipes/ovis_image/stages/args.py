@@ -117,7 +117,8 @@ class DataArguments:
     dataset_path: str | None = field(
         default=None, metadata={"help": "Folder, manifest file, or parquet / tar glob (file formats only)."})
     image_column: str = field(default="image", metadata={"help": "Image column of a manifest or parquet file."})
-    caption_column: str = field(default="caption", metadata={"help": "Caption (prompt) column."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Text (prompt) column of a manifest or parquet "
+                                                                   "file, or the text field of a tar shard's .json."})
     synthetic_num_samples: int = field(default=20000, metadata={"help": "Synthetic items (rows, or prompts)."})
     synthetic_mode: str = field(default="simple", metadata={"help": "'simple' (demo task) or 'varied'."})
     synthetic_vocabulary: str = field(

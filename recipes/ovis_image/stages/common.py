@@ -262,11 +262,3 @@ def trainer_settings(config, *names: str) -> dict[str, Any]:
         settings["gradient_checkpointing"] = True
     return settings
 
-
-def take_gradient_checkpointing(policy: FlowPolicy, config) -> None:
-    """Enable gradient checkpointing the diffusers way (`enable_gradient_checkpointing()` on the transformer)
-    when the config asks for it, and clear the config's flags, which would make the Trainer call the
-    transformers method name that diffusers models lack."""
-    if config.activation_checkpointing or config.gradient_checkpointing:
-        policy.transformer.enable_gradient_checkpointing()
-        config.activation_checkpointing = config.gradient_checkpointing = False

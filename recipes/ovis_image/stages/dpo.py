@@ -11,7 +11,7 @@ from rlhf_image import DPOConfig, DPOTrainer
 
 from .args import ModelArguments, PairDataArguments, RecipeArguments
 from .common import (StageResult, StepCounter, build_policy, describe_model, load_pipeline, lora_config,
-                     print_banner, resolve_resume, save_stage_output, take_gradient_checkpointing, trainer_settings,
+                     print_banner, resolve_resume, save_stage_output, trainer_settings,
                      training_record, write_stage_record)
 from .inputs import readable_pairs
 
@@ -30,7 +30,6 @@ class DPORecipe:
         policy = build_policy(self.pipe, self.model_args)
         settings = trainer_settings(self.config, "beta", "sdpo", "sdpo_space", "sdpo_mu", "image_size",
                                     "timestep_shift", "cfg_dropout_prob")
-        take_gradient_checkpointing(policy, self.config)
         rows, self.skipped_pairs = readable_pairs(self.pair_args.pairs_path)
         self.counter = StepCounter()
         # The reference is the starting (SFT) model: a frozen copy, or the adapter disabled with LoRA.

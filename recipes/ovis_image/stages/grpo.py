@@ -18,7 +18,7 @@ from rlhf_image.rollout import RayRolloutEngine
 
 from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments, RolloutArguments
 from .common import (StageResult, StepCounter, build_policy, describe_model, load_pipeline, lora_config,
-                     print_banner, resolve_resume, save_stage_output, take_gradient_checkpointing, trainer_settings,
+                     print_banner, resolve_resume, save_stage_output, trainer_settings,
                      training_record, write_stage_record)
 from .inputs import build_rewards, describe_data, prompt_rows
 
@@ -69,7 +69,6 @@ class GRPORecipe:
         settings = trainer_settings(self.config, "num_generations", "num_inference_steps", "image_size", "sde_type",
                                     "noise_level", "guidance_scale", "beta", "epsilon", "num_iterations",
                                     "timestep_fraction")
-        take_gradient_checkpointing(policy, self.config)
         rows = prompt_rows(self.data_args)
         rewards = build_rewards(self.reward_args)
         peft_config = lora_config(self.recipe_args, self.model_args)

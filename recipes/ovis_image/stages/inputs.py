@@ -78,17 +78,17 @@ def synthetic_dataset(args: DataArguments, split: str = "train",
 
 
 def image_text_dataset(args: DataArguments) -> ImageTextDataset:
-    """The image-caption dataset of pretraining and SFT (items `{"image", "caption", "key", ...}`)."""
+    """The image-text dataset of pretraining and SFT (items `{"image", "prompt", "key", ...}`)."""
     if args.dataset_format == "synthetic":
         return synthetic_dataset(args)
     if args.dataset_format == "folder":
         return ImageFolderDataset(args.dataset_path)
     if args.dataset_format == "manifest":
-        return ManifestDataset(args.dataset_path, image_column=args.image_column, caption_column=args.caption_column)
+        return ManifestDataset(args.dataset_path, image_column=args.image_column, prompt_column=args.prompt_column)
     if args.dataset_format == "parquet":
         return ParquetImageDataset(args.dataset_path, image_column=args.image_column,
-                                   caption_column=args.caption_column)
-    return TarShardDataset(args.dataset_path, caption_field=args.caption_column)
+                                   prompt_column=args.prompt_column)
+    return TarShardDataset(args.dataset_path, caption_field=args.prompt_column)
 
 
 def describe_data(args: DataArguments, size: int | None = None) -> str:
@@ -116,7 +116,6 @@ class PoolRows(Sequence):
             item = dict(self.dataset[index])
         else:
             item = {**self.dataset._text(index), "image": self.dataset._image_source(index)}
-        item["prompt"] = item.pop("caption")
         item.pop("key", None)
         return item
 
@@ -134,9 +133,10 @@ def prompt_rows(args: DataArguments) -> list[dict[str, Any]]:
             rows = list(csv.DictReader(f))
     else:
         rows = read_jsonl(args.dataset_path)
-    if not rows or args.caption_column not in rows[0]:
-        raise ValueError(f"{args.dataset_path} has no {args.caption_column!r} column; set caption_column")
-    return [{**{k: v for k, v in row.items() if k != args.caption_column}, "prompt": row[args.caption_column]}
+    if not rows or args.prompt_column not in rows[0]:
+        raise ValueError(f"{args.dataset_path} has no {args.prompt_column!r} column (its first row has "
+                         f"{sorted(rows[0]) if rows else 'no columns'}); set prompt_column")
+    return [{**{k: v for k, v in row.items() if k != args.prompt_column}, "prompt": row[args.prompt_column]}
             for row in rows]
 
 
