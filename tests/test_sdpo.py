@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_image.losses import dpo_loss, interpolate, per_sample_mse
-from rlhf_image.model_io import frozen_copy, reference_policy
+from rlhf_image.model_io import frozen_copy, reference_transformer
 from rlhf_image.policy import Conditioning, FlowPolicy
 from rlhf_image.sdpo import (output_space_loser_scale, parameter_space_loser_scale, safe_loser_scale,
                              scale_gradient)
@@ -75,9 +75,9 @@ def _pair_problem(loser_offset: float):
     return policy, reference, (x_t, torch.cat([sigma, sigma]), Conditioning.cat([cond, cond]), target)
 
 
-def _errors(policy, batch):
+def _errors(policy, batch, transformer=None):
     x_t, sigma, cond, target = batch
-    return per_sample_mse(policy.predict_velocity(x_t, sigma, cond), batch[3]).chunk(2)
+    return per_sample_mse(policy.predict_velocity(x_t, sigma, cond, transformer=transformer), batch[3]).chunk(2)
 
 
 def _one_sgd_step(policy, reference, batch, safeguard: str | None, mu: float, lr: float):
@@ -86,8 +86,8 @@ def _one_sgd_step(policy, reference, batch, safeguard: str | None, mu: float, lr
     policy.transformer = copy.deepcopy(policy.transformer)
     params = [p for p in policy.transformer.parameters() if p.requires_grad]
     err_w, err_l = _errors(policy, batch)
-    with torch.no_grad(), reference_policy(policy, reference) as ref:
-        ref_w, ref_l = _errors(ref, batch)
+    with torch.no_grad(), reference_transformer(policy.transformer, reference) as ref:
+        ref_w, ref_l = _errors(policy, batch, transformer=ref)
     scale = None
     if safeguard == "output":
         x_t, sigma, cond, target = batch

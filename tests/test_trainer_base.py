@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -94,22 +95,24 @@ def test_an_image_size_the_model_cannot_take_is_refused_at_construction(tmp_path
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_dataset_contract_is_checked_at_construction(tmp_path, kind):
     trainer_of(kind, tmp_path)  # the good rows
-    columns = {"grpo": ["prompt"], "dpo": ["prompt", "chosen", "rejected"], "fm": ["image", "prompt"]}[kind]
     with pytest.raises(ValueError, match="train_dataset is empty"):
         trainer_of(kind, tmp_path, dataset=[])
     with pytest.raises(TypeError, match=r"rows must be mappings .* the first row is a str: 'a cat'.*'prompt': p"):
         trainer_of(kind, tmp_path, dataset=["a cat", "a dog"])
     with pytest.raises(TypeError, match="must be a map-style dataset .* got int"):
         trainer_of(kind, tmp_path, dataset=42)
-    with pytest.raises(TypeError, match="must be a map-style dataset .* got str"):
-        trainer_of(kind, tmp_path, dataset="a cat")
+    if kind == "dpo":  # DPO reads a string as the folder of a pair dataset
+        with pytest.raises(FileNotFoundError, match="no manifest.jsonl in a cat"):
+            trainer_of(kind, tmp_path, dataset="a cat")
+    else:
+        with pytest.raises(TypeError, match="must be a map-style dataset .* got str"):
+            trainer_of(kind, tmp_path, dataset="a cat")
     with pytest.raises(TypeError, match=r"dict of splits \['train'\]; pass one split"):
         trainer_of(kind, tmp_path, dataset={"train": rows(kind)})
     renamed = [{("caption" if k == "prompt" else k): v for k, v in row.items()} for row in rows(kind)]
-    found = sorted(renamed[0])
+    found = re.escape(str(sorted(renamed[0])))
     with pytest.raises(ValueError, match=rf"lacks the column\(s\) \['prompt'\] .* first row has {found}"):
         trainer_of(kind, tmp_path, dataset=renamed)
-    assert all(column in rows(kind)[0] for column in columns)
 
 
 @pytest.mark.parametrize("kind", ["dpo", "fm"])
@@ -214,7 +217,7 @@ def test_gradient_checkpointing_is_one_flag_for_every_trainer(tmp_path, kind):
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["dpo", "fm"])  # GRPO's: tests/test_grpo_trainer.py
 def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, kind):
     trainer = trainer_of(kind, tmp_path, max_steps=3, peft_config=lora())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -284,7 +287,7 @@ def test_counters_survive_a_resume_in_the_trainer_state(tmp_path):
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["TrainerCounters"]["args"]["counts"]["rewards/unscored_total"] == 2
-    assert sorted(p.name for p in checkpoint.iterdir() if p.suffix == ".json") == ["trainer_state.json"]
+    assert not (checkpoint / "grpo_state.json").exists()
     resumed = make(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.counters["rewards/unscored_total"] == 3
