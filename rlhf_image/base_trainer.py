@@ -107,11 +107,11 @@ class BaseTrainer(Trainer):
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple = (None, None)):
         self.check_args(args)
         self.policy = policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
-        for field_name, height, width in self.image_sizes(args):
+        for fields, height, width in self.image_sizes(args):
             try:
                 policy.check_image_size(height, width)
             except ValueError as error:
-                raise ValueError(f"{type(args).__name__}.{field_name}={getattr(args, field_name)!r}: {error}") from None
+                raise ValueError(f"{type(args).__name__}.{fields}: {error}") from None
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 self.check_dataset(name, dataset)
@@ -154,9 +154,11 @@ class BaseTrainer(Trainer):
         return args
 
     def image_sizes(self, args: BaseConfig) -> list[tuple[str, int, int]]:
-        """`(config field, height, width)` of every image size the run uses, checked against the model at
-        construction; the base returns `args.image_size` (the flow-matching trainer returns its buckets)."""
-        return [("height" if args.height else "width" if args.width else "resolution", *args.image_size)]
+        """`(the config fields that set it, height, width)` of every image size the run uses, checked against the
+        model at construction: the base returns `args.image_size` (the flow-matching trainer its buckets)."""
+        names = [name for name in ("height", "width") if getattr(args, name) is not None]
+        names = names if len(names) == 2 else ["resolution", *names]
+        return [(", ".join(f"{name}={getattr(args, name)!r}" for name in names), *args.image_size)]
 
     def check_dataset(self, name: str, dataset: Any) -> None:
         """Refuse, at construction and with the fix named, what is not a map-style dataset of mapping rows with

@@ -216,8 +216,9 @@ class FlowMatchingTrainer(BaseTrainer):
         self.add_callback(_FlowMatchingCallback(self))
 
     def image_sizes(self, args: FlowMatchingConfig) -> list[tuple[str, int, int]]:
-        field_name = "buckets" if args.buckets else super().image_sizes(args)[0][0]
-        return [(field_name, height, width) for height, width in args.bucket_sizes()]
+        if not args.buckets:
+            return super().image_sizes(args)
+        return [(f"buckets={args.buckets!r}", height, width) for height, width in args.bucket_sizes()]
 
     # --- data ---------------------------------------------------------------------------------
     def _dataloader(self, dataset: Dataset, sampler: BucketBatchSampler, buckets) -> DataLoader:

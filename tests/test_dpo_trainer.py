@@ -214,7 +214,7 @@ def test_height_and_width_train_on_non_square_images(tmp_path):
 def test_rejects_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="resolution=18: image size 18x18 px.* use e.g. 16x16"):
         DPOTrainer(make_policy(), args=config(tmp_path, resolution=18), train_dataset=bright_dark_rows(2))
-    with pytest.raises(ValueError, match="width=22: image size 16x22 px"):
+    with pytest.raises(ValueError, match="resolution=16, width=22: image size 16x22 px"):
         DPOTrainer(make_policy(), args=config(tmp_path, resolution=16, width=22), train_dataset=bright_dark_rows(2))
     with pytest.raises(ValueError, match="ref_model"):
         DPOTrainer(make_policy(), ref_model=make_policy(1), args=config(tmp_path), train_dataset=bright_dark_rows(2),

@@ -88,7 +88,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_at_construction(tmp_path
     with pytest.raises(ValueError, match=r"Config\.resolution=30: image size 30x30 px: this model .* positive "
                                          r"multiples of 4 px .* use e.g. 32x32"):
         trainer_of(kind, tmp_path, resolution=30)
-    with pytest.raises(ValueError, match=r"Config\.width=33: image size 16x33 px"):
+    with pytest.raises(ValueError, match=r"Config\.resolution=16, width=33: image size 16x33 px"):
         trainer_of(kind, tmp_path, width=33)
 
 
