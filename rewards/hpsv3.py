@@ -133,11 +133,6 @@ def build_hpsv3_model(checkpoint: str | os.PathLike, base_model: str | os.PathLi
     from transformers import AutoConfig, Qwen2VLModel
 
     state = load_hpsv3_state_dict(checkpoint)
-    config = AutoConfig.from_pretrained(base_model, attn_implementation="sdpa")
-    config.text_config.vocab_size = state["model.embed_tokens.weight"].shape[0]  # resized to the tokenizer
-    if reward_token_id >= config.text_config.vocab_size:
-        raise ValueError(f"{REWARD_TOKEN} has id {reward_token_id} but the checkpoint embeds "
-                         f"{config.text_config.vocab_size} tokens: is `base_model` the checkpoint's base?")
     backbone_state, unknown = {}, []
     for key, value in state.items():
         if key.startswith("visual."):
@@ -146,8 +141,13 @@ def build_hpsv3_model(checkpoint: str | os.PathLike, base_model: str | os.PathLi
             backbone_state["language_model." + key[len("model."):]] = value
         elif not key.startswith(("rm_head.", "lm_head.")):  # the LM head is not used for scoring
             unknown.append(key)
-    if unknown:
-        raise ValueError(f"not an HPSv3 checkpoint: unexpected keys {unknown[:5]}")
+    if unknown or "model.embed_tokens.weight" not in state:
+        raise ValueError(f"not an HPSv3 checkpoint: unexpected keys {unknown[:5]}, or no model.embed_tokens.weight")
+    config = AutoConfig.from_pretrained(base_model, attn_implementation="sdpa")
+    config.text_config.vocab_size = state["model.embed_tokens.weight"].shape[0]  # resized to the tokenizer
+    if reward_token_id >= config.text_config.vocab_size:
+        raise ValueError(f"{REWARD_TOKEN} has id {reward_token_id} but the checkpoint embeds "
+                         f"{config.text_config.vocab_size} tokens: is `base_model` the checkpoint's base?")
     with init_empty_weights(include_buffers=False):  # parameters come from the checkpoint (assign=True)
         backbone = Qwen2VLModel(config)
     backbone.load_state_dict(backbone_state, strict=True, assign=True)
