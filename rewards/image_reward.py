@@ -71,7 +71,8 @@ def load_imagereward_files(source: str | os.PathLike) -> tuple[dict[str, torch.T
 
 def preprocess(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
     """The authors' transform (torchvision's `Resize(size, BICUBIC)`, `CenterCrop(size)`, RGB, `ToTensor`, CLIP
-    `Normalize`) on PIL images, without torchvision. Returns `torch.Tensor` of shape `[N, 3, size, size]`."""
+    `Normalize`) on PIL images, without torchvision (which resizes PIL images with PIL). `size` is the ViT's input
+    size (224 for the released model). Returns `torch.Tensor` of shape `[N, 3, size, size]`."""
     out = []
     for image in images:
         width, height = image.size
@@ -93,7 +94,8 @@ class ImageRewardModel(nn.Module):
         super().__init__()
         self.vision, self.text, self.mlp = vision, text, mlp
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
@@ -180,7 +182,8 @@ class ImageReward:
         for start in range(0, len(prompts), self.batch_size):
             tokens = self.tokenizer(list(prompts[start:start + self.batch_size]), padding="max_length",
                                     truncation=True, max_length=self.max_length, return_tensors="pt")
-            pixels = preprocess(images[start:start + self.batch_size]).to(param.device, param.dtype)
+            pixels = preprocess(images[start:start + self.batch_size], model.vision.config.image_size)
+            pixels = pixels.to(param.device, param.dtype)
             out.append(model(pixels, tokens["input_ids"].to(param.device),
                              tokens["attention_mask"].to(param.device)).cpu())
         return torch.cat(out)
