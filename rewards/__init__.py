@@ -35,6 +35,8 @@ _EXPORTS = {
     "VLMJudgeReward": "vlm_judge",
     "ImageReward": "image_reward",
     "LazyModel": "lazy_model",
+    "pair_votes": "voting",
+    "weighted_vote": "voting",
     "RemoteReward": "client",
     "RemoteRewardError": "remote",
     "RemoteRewardAuthError": "remote",
