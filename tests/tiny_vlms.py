@@ -8,6 +8,8 @@
 - `save_hpsv3_checkpoint`: `HPSv3.safetensors` in the authors' key layout for that base.
 - `save_judge_model`: a tiny Qwen2.5-VL or Qwen3-VL saved with `save_pretrained`, with its tokenizer and image
   processor.
+- `save_image_reward`: `ImageReward.pt` (the authors' key names: a timm ViT, BLIP's BERT, the MLP) +
+  `med_config.json` + a BERT tokenizer folder, all tiny.
 """
 
 from __future__ import annotations
@@ -169,3 +171,88 @@ def save_judge_model(path: Path, model_type: str, words: tuple[str, ...] = (), s
     Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=CLIP_MEAN,
                              image_std=CLIP_STD).save_pretrained(path)
     return model
+
+
+# --- ImageReward ------------------------------------------------------------------------------------------------
+IMAGEREWARD_VIT = dict(width=64, depth=2, heads=1, patch=8, image=32)  # BLIP's ViTs use 64-dim heads
+IMAGEREWARD_MED = {  # med_config.json as the authors ship it, at a tiny size
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 48,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "encoder_width": 768, "add_cross_attention": True}
+
+
+def bert_tokenizer(path):
+    """A lower-case WordPiece tokenizer over characters (plus a few words), saved like bert-base-uncased."""
+    from transformers import BertTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "##s", *chars,
+             *(f"##{c}" for c in chars), ".", ",", '"']
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    return path
+
+
+def official_state(vocab_size, seed=0):
+    """Random weights under the names of the authors' `ImageReward` module (`blip.visual_encoder` a timm ViT,
+    `blip.text_encoder` BLIP's BERT, `mlp.layers`), including keys the score does not use."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    def ln(prefix, n):
+        return {f"{prefix}.weight": 1 + rand(n, scale=0.1), f"{prefix}.bias": rand(n, scale=0.1)}
+
+    def linear(prefix, n_out, n_in):
+        return {f"{prefix}.weight": rand(n_out, n_in, scale=n_in ** -0.5), f"{prefix}.bias": rand(n_out, scale=0.1)}
+
+    vit_size, med = IMAGEREWARD_VIT, IMAGEREWARD_MED
+    w, h, grid, patch = vit_size["width"], med["hidden_size"], vit_size["image"] // vit_size["patch"], vit_size["patch"]
+    vit = {"cls_token": rand(1, 1, w), "pos_embed": rand(1, grid * grid + 1, w),
+           "patch_embed.proj.weight": rand(w, 3, patch, patch, scale=0.05),
+           "patch_embed.proj.bias": rand(w, scale=0.1), **ln("norm", w)}
+    for i in range(vit_size["depth"]):
+        b = f"blocks.{i}"
+        vit.update({**ln(f"{b}.norm1", w), **linear(f"{b}.attn.qkv", 3 * w, w), **linear(f"{b}.attn.proj", w, w),
+                    **ln(f"{b}.norm2", w), **linear(f"{b}.mlp.fc1", 4 * w, w), **linear(f"{b}.mlp.fc2", w, 4 * w)})
+    text = {"embeddings.word_embeddings.weight": rand(vocab_size, h),
+            "embeddings.position_embeddings.weight": rand(med["max_position_embeddings"], h),
+            "embeddings.position_ids": torch.arange(med["max_position_embeddings"]).unsqueeze(0),
+            **ln("embeddings.LayerNorm", h)}
+    for i in range(med["num_hidden_layers"]):
+        b = f"encoder.layer.{i}"
+        for attention, width in (("attention", h), ("crossattention", w)):
+            text.update({**linear(f"{b}.{attention}.self.query", h, h),
+                         **linear(f"{b}.{attention}.self.key", h, width),
+                         **linear(f"{b}.{attention}.self.value", h, width),
+                         **linear(f"{b}.{attention}.output.dense", h, h), **ln(f"{b}.{attention}.output.LayerNorm", h)})
+        text.update({**linear(f"{b}.intermediate.dense", med["intermediate_size"], h),
+                     **linear(f"{b}.output.dense", h, med["intermediate_size"]), **ln(f"{b}.output.LayerNorm", h)})
+    mlp = {}
+    for index, (n_out, n_in) in zip((0, 2, 4, 6, 7), ((1024, h), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        mlp.update(linear(f"layers.{index}", n_out, n_in))
+    unused = {**linear("blip.vision_proj", 256, w), **linear("blip.text_proj", 256, h)}
+    return {**{f"blip.visual_encoder.{k}": v for k, v in vit.items()},
+            **{f"blip.text_encoder.{k}": v for k, v in text.items()}, **{f"mlp.{k}": v for k, v in mlp.items()},
+            **unused}
+
+
+def save_image_reward(root: Path, seed: int = 0) -> dict:
+    """A tiny ImageReward in the official layout: `root/ImageReward/{ImageReward.pt, med_config.json}` and a BERT
+    tokenizer in `root/tokenizer`. Returns `folder`, `tokenizer` (path), `state` and `bert` (the tokenizer with
+    BLIP's `[DEC]` / `[ENC]` added)."""
+    from transformers import AutoTokenizer
+
+    tokenizer_path = bert_tokenizer(root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    state = official_state(len(tokenizer), seed)
+    folder = root / "ImageReward"
+    folder.mkdir()
+    torch.save(state, folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps({**IMAGEREWARD_MED, "vocab_size": len(tokenizer)}))
+    return dict(folder=folder, tokenizer=tokenizer_path, state=state, bert=tokenizer)

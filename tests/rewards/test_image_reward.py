@@ -14,72 +14,14 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
+from tiny_vlms import IMAGEREWARD_MED as MED  # noqa: E402
+from tiny_vlms import IMAGEREWARD_VIT as VIT  # noqa: E402
+from tiny_vlms import save_image_reward  # noqa: E402
+
 from rlhf_image.rewards import ImageReward  # noqa: E402
 from rlhf_image.rewards.image_reward import preprocess  # noqa: E402
 
 PROMPTS = ["a red cat", "two dogs playing in the park at night", "x", "sign 42"]
-VIT = dict(width=64, depth=2, heads=1, patch=8, image=32)  # BLIP's ViTs use 64-dim heads
-MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-       "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 48,
-       "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
-       "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "encoder_width": 768,
-       "add_cross_attention": True}
-
-
-def bert_tokenizer(path):
-    """A lower-case WordPiece tokenizer over characters (plus a few words), saved like bert-base-uncased."""
-    from transformers import BertTokenizer
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "##s", *chars, *(f"##{c}" for c in chars),
-             ".", ",", '"']
-    path.mkdir()
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
-    return path
-
-
-def official_state(vocab_size, seed=0):
-    """Random weights under the names of the authors' `ImageReward` module (`blip.visual_encoder` a timm ViT,
-    `blip.text_encoder` BLIP's BERT, `mlp.layers`), including keys the score does not use."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    def ln(prefix, n):
-        return {f"{prefix}.weight": 1 + rand(n, scale=0.1), f"{prefix}.bias": rand(n, scale=0.1)}
-
-    def linear(prefix, n_out, n_in):
-        return {f"{prefix}.weight": rand(n_out, n_in, scale=n_in ** -0.5), f"{prefix}.bias": rand(n_out, scale=0.1)}
-
-    w, h, grid = VIT["width"], MED["hidden_size"], VIT["image"] // VIT["patch"]
-    vit = {"cls_token": rand(1, 1, w), "pos_embed": rand(1, grid * grid + 1, w),
-           "patch_embed.proj.weight": rand(w, 3, VIT["patch"], VIT["patch"], scale=0.05),
-           "patch_embed.proj.bias": rand(w, scale=0.1), **ln("norm", w)}
-    for i in range(VIT["depth"]):
-        b = f"blocks.{i}"
-        vit.update({**ln(f"{b}.norm1", w), **linear(f"{b}.attn.qkv", 3 * w, w), **linear(f"{b}.attn.proj", w, w),
-                    **ln(f"{b}.norm2", w), **linear(f"{b}.mlp.fc1", 4 * w, w), **linear(f"{b}.mlp.fc2", w, 4 * w)})
-    text = {"embeddings.word_embeddings.weight": rand(vocab_size, h),
-            "embeddings.position_embeddings.weight": rand(MED["max_position_embeddings"], h),
-            "embeddings.position_ids": torch.arange(MED["max_position_embeddings"]).unsqueeze(0),
-            **ln("embeddings.LayerNorm", h)}
-    for i in range(MED["num_hidden_layers"]):
-        b = f"encoder.layer.{i}"
-        for attention, width in (("attention", h), ("crossattention", w)):
-            text.update({**linear(f"{b}.{attention}.self.query", h, h), **linear(f"{b}.{attention}.self.key", h, width),
-                         **linear(f"{b}.{attention}.self.value", h, width),
-                         **linear(f"{b}.{attention}.output.dense", h, h), **ln(f"{b}.{attention}.output.LayerNorm", h)})
-        text.update({**linear(f"{b}.intermediate.dense", MED["intermediate_size"], h),
-                     **linear(f"{b}.output.dense", h, MED["intermediate_size"]), **ln(f"{b}.output.LayerNorm", h)})
-    mlp = {}
-    for index, (n_out, n_in) in zip((0, 2, 4, 6, 7), ((1024, h), (128, 1024), (64, 128), (16, 64), (1, 16))):
-        mlp.update(linear(f"layers.{index}", n_out, n_in))
-    unused = {**linear("blip.vision_proj", 256, w), **linear("blip.text_proj", 256, h)}
-    return {**{f"blip.visual_encoder.{k}": v for k, v in vit.items()},
-            **{f"blip.text_encoder.{k}": v for k, v in text.items()}, **{f"mlp.{k}": v for k, v in mlp.items()},
-            **unused}
 
 
 def reference_score(state, input_ids, attention_mask, pixels):
@@ -137,19 +79,7 @@ def reference_score(state, input_ids, attention_mask, pixels):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("image_reward")
-    tokenizer_path = bert_tokenizer(root / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    state = official_state(len(tokenizer))
-    folder = root / "ImageReward"
-    folder.mkdir()
-    torch.save(state, folder / "ImageReward.pt")
-    (folder / "med_config.json").write_text(json.dumps({**MED, "vocab_size": len(tokenizer)}))
-    return dict(folder=folder, tokenizer=tokenizer_path, state=state, bert=tokenizer)
+    return save_image_reward(tmp_path_factory.mktemp("image_reward"))
 
 
 def test_scores_match_the_authors_forward(checkpoint, varied_images):
