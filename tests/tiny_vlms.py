@@ -246,6 +246,7 @@ def save_image_reward(root: Path, seed: int = 0) -> dict:
     BLIP's `[DEC]` / `[ENC]` added)."""
     from transformers import AutoTokenizer
 
+    root.mkdir(parents=True, exist_ok=True)
     tokenizer_path = bert_tokenizer(root / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
