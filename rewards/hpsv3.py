@@ -161,7 +161,7 @@ class HPSv3Reward:
 
     The head predicts `(mu, sigma)` (trained with an uncertainty-aware ranking loss); the official inference
     returns both and uses `mu` as the score, as this reward does: it is not uncertainty-adjusted. `predict` gives
-    both. Scores are unbounded (roughly 0-15 for the released weights).
+    both. Scores are unbounded real numbers.
 
     Args:
         checkpoint (`str`, defaults to `"MizzenAI/HPSv3"`): folder or Hub id holding `HPSv3.safetensors`, or the file.

@@ -141,7 +141,7 @@ def build_imagereward_model(source: str | os.PathLike, device: str | torch.devic
 
 
 class ImageReward:
-    """ImageReward score of each image for its prompt (about -2 to 2: standardised over the authors' data).
+    """ImageReward score of each image for its prompt (standardised: mean 0, std 1 over the authors' data).
 
     Args:
         model (`str`, defaults to `"THUDM/ImageReward"`): folder or Hub id holding `ImageReward.pt` and
