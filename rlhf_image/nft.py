@@ -24,7 +24,8 @@ AWM_WEIGHTINGS = ("uniform", "sigma", "sigma_sq", "ghuber")
 
 
 def normalized_advantages(
-    rewards: torch.Tensor | Sequence[float | None], group_ids: torch.Tensor, *, clip: float = 5.0, eps: float = 1e-4
+    rewards: torch.Tensor | Sequence[float | None], group_ids: torch.Tensor, *, clip: float = 5.0, eps: float = 1e-4,
+    batch_std: bool = True,
 ) -> torch.Tensor:
     """`a = clip(A / clip, -1, 1)` with `A = (R - mean_group) / (std_batch + eps)`: the advantage both methods use.
 
@@ -39,6 +40,8 @@ def normalized_advantages(
         clip (`float`, defaults to 5.0): `A_max` (`adv_clip_max` in both codes); `A` is clipped to
             `[-clip, clip]` and divided by it.
         eps (`float`, defaults to 1e-4).
+        batch_std (`bool`, defaults to `True`): divide by the std of the whole batch (both papers' codes); `False`
+            divides by each group's own std (GRPO's default).
 
     Returns:
         `torch.Tensor` of shape `[N]`, float32, in [-1, 1].
@@ -47,12 +50,13 @@ def normalized_advantages(
         raise ValueError(f"clip must be positive, got {clip}")
     if not isinstance(rewards, torch.Tensor):
         rewards = torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float64)
-    advantages = group_advantages(rewards, group_ids, batch_std=True, eps=eps)
+    advantages = group_advantages(rewards, group_ids, batch_std=batch_std, eps=eps)
     return (advantages / clip).clamp(-1.0, 1.0)
 
 
 def optimality_probability(
-    rewards: torch.Tensor | Sequence[float | None], group_ids: torch.Tensor, *, clip: float = 5.0, eps: float = 1e-4
+    rewards: torch.Tensor | Sequence[float | None], group_ids: torch.Tensor, *, clip: float = 5.0, eps: float = 1e-4,
+    batch_std: bool = True,
 ) -> torch.Tensor:
     """DiffusionNFT's optimality probability `r = 1/2 + 1/2 clip((R - mean_group) / Z, -1, 1)` (Sec. 3.3
     "Optimality Reward", Algorithm 1 lines 4-5), with `Z = clip * (std_batch + eps)` as in the code
@@ -62,7 +66,7 @@ def optimality_probability(
     Returns:
         `torch.Tensor` of shape `[N]`, float32, in [0, 1].
     """
-    return 0.5 + 0.5 * normalized_advantages(rewards, group_ids, clip=clip, eps=eps)
+    return 0.5 + 0.5 * normalized_advantages(rewards, group_ids, clip=clip, eps=eps, batch_std=batch_std)
 
 
 def implicit_velocities(

@@ -29,6 +29,10 @@ def test_optimality_probability_uses_the_batch_std_not_the_group_std():
     r = optimality_probability(rewards, torch.tensor([0, 0, 1, 1]), clip=5.0)
     expected = 0.5 + 0.5 * torch.tensor([-0.5, 0.5, -1.5, 1.5]) / (std + 1e-4) / 5
     torch.testing.assert_close(r, expected.float())
+    # With each group's own std (0.5 and 1.5) both groups are centred +-1 std.
+    per_group = optimality_probability(rewards, torch.tensor([0, 0, 1, 1]), clip=5.0, batch_std=False)
+    torch.testing.assert_close(per_group, 0.5 + 0.5 * torch.tensor([-0.5, 0.5, -1.5, 1.5])
+                               / torch.tensor([0.5001, 0.5001, 1.5001, 1.5001]) / 5)
 
 
 def test_unscored_rewards_are_neutral_and_do_not_poison_the_statistics():
