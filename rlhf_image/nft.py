@@ -6,8 +6,9 @@ Both train on forward-noised copies of the sampled clean latents `x0` (`x_t = (1
 no log-probability is needed. Notation: `s` is the noise level (1 = noise), `v` the trained policy's velocity,
 `v_old` the velocity of the old (data-collection) policy, `A` the group-relative advantage.
 
-Where the paper leaves a constant open, the authors' code decides (NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`,
-scxue/advantage_weighted_matching `scripts/train_sd3_awm.py`); line numbers below refer to those files.
+Where the paper leaves a constant open, the authors' code decides (NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`
+at commit 24af555, scxue/advantage_weighted_matching `scripts/train_sd3_awm.py` at be51372); line numbers below
+refer to those files.
 """
 
 from __future__ import annotations
