@@ -1,5 +1,6 @@
 """Training losses for flow-matching models: the rectified-flow loss (pretraining/SFT), the clipped
-GRPO surrogate, and Flow-DPO. Each is a pure function over tensors."""
+GRPO surrogate with GRPO-Guard's ratio normalisation and step weights, and Flow-DPO. Each is a pure function
+over tensors."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def flow_matching_loss(
 def grpo_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip surrogate on one denoising step (Flow-GRPO): `mean(max(-A r, -A clip(r, 1-e, 1+e)))`.
+    """PPO-clip surrogate on one denoising step (Flow-GRPO): `mean(max(-A r, -A clip(r, 1-e, 1+e)))` with
+    `r = exp(log_prob - old_log_prob)`.
 
     Args:
         log_prob (`torch.Tensor` of shape `[B]`): log-prob of the recorded transition under the policy.
@@ -55,10 +57,25 @@ def grpo_loss(
         clip_range (`float`): `epsilon`.
 
     Returns:
+        `(loss, stats)` as in [`clipped_surrogate`].
+    """
+    return clipped_surrogate(log_prob - old_log_prob, advantages, clip_range)
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`mean(max(-A r, -A clip(r, 1-e, 1+e)))` with `r = exp(log_ratio)`: [`grpo_loss`] on a given log-ratio (for
+    example GRPO-Guard's, [`guard_log_ratio`]).
+
+    Args:
+        log_ratio, advantages (`torch.Tensor` of shape `[B]`).
+        clip_range (`float`): `epsilon`.
+
+    Returns:
         `(loss, stats)` with the ratio, the clipped fraction and the approximate KL
         `0.5 (log r)^2` (Schulman's k2 estimator) as detached tensors.
     """
-    log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -69,6 +86,57 @@ def grpo_loss(
         "approx_kl": (0.5 * log_ratio**2).detach(),
     }
     return loss, stats
+
+
+def guard_log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio (Wang et al., 2025, arXiv 2510.22319, eq. 8, "RatioNorm") of a Gaussian
+    step with the same std under both policies: `s (log r + ||mean - old_mean||^2 / (2 s^2))`, `s = std`.
+
+    With `x' = old_mean + s eps`, `log r = <eps, d> / s - ||d||^2 / (2 s^2)` for `d = mean - old_mean`
+    (norms and inner products are means over the latent dimensions, as the log-probs are): its mean is negative
+    and its spread grows as `s` shrinks, so the clip range bites unevenly across steps. The normalised
+    log-ratio is `<eps, d>`: centred on 0 at every step. On-policy (`mean == old_mean` bit for bit) it is exactly
+    0, so the ratio is exactly 1. It needs the exact Gaussian log-probs (`log_prob_convention="exact"`) and the
+    means recorded when sampling; it is 0 where `std == 0`.
+
+    Args:
+        log_prob, old_log_prob (`torch.Tensor` of shape `[B]`): log-probs of the recorded transition under the
+            policy and when sampling.
+        mean, old_mean (`torch.Tensor` of shape `[B, ...]`): the transition means under the policy and when
+            sampling.
+        std (`torch.Tensor`, scalar or of shape `[B, 1, ...]`): the transition std (the step's `std`).
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, to pass to [`clipped_surrogate`].
+    """
+    std = std if std.ndim == 0 else std.reshape(std.shape[0])
+    squared = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    normalised = safe_std * (log_prob - old_log_prob + squared / (2 * safe_std**2))
+    return torch.where(std > 0, normalised, 0.0)
+
+
+def guard_loss_weight(sigma: torch.Tensor | float, sigma_next: torch.Tensor | float) -> torch.Tensor:
+    """GRPO-Guard's gradient reweighting (arXiv 2510.22319, eq. 12) for Flow-GRPO's SDE step: the step's loss is
+    multiplied by `1 / |dt|`, `dt = sigma_next - sigma`.
+
+    The gradient of the normalised log-ratio [`guard_log_ratio`] with respect to the velocity is
+    `eps (1 + a^2 / 2) dt` for that step (its mean is `x + (1 + a^2 / 2) v dt + ...`), so without the weight
+    steps with a large `|dt|` dominate the update; `1 + a^2 / 2` is the same at every step and is left out.
+
+    Returns:
+        `torch.Tensor`, scalar or of shape `[B]` (as `sigma`), float32.
+    """
+    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)
+    if not bool((dt < 0).all()):
+        raise ValueError(f"guard_loss_weight: need sigma_next < sigma (a denoising step), got dt = {dt.tolist()}")
+    return 1.0 / dt.abs()
 
 
 def dpo_loss(

@@ -97,9 +97,32 @@ def test_rewards_by_recipe_name_or_import_path():
     assert funcs[0] is constant_reward  # a function as it is
     assert isinstance(funcs[1], CountingReward) and funcs[1](["ab", "abc"], [None, None]) == [2.0, 3.0]
     with pytest.raises(ValueError, match="neither one of"):
-        build_rewards(RewardArguments(reward_funcs=["hpsv3"]))
+        build_rewards(RewardArguments(reward_funcs=["hps_v9"]))
     with pytest.raises(ValueError, match="aesthetic_mlp"):
         RewardArguments(reward_funcs=["aesthetic"])
+
+
+def test_vision_language_rewards_by_recipe_name(tmp_path):
+    """'hpsv3', 'vlm_judge' and 'imagereward' build from their arguments (tokenizers and processors only: the
+    weights load on the first call, so the files named here need not hold weights)."""
+    from tiny_vlms import save_judge_model, save_qwen2_vl_base
+    from transformers import BertTokenizer
+
+    base = save_qwen2_vl_base(tmp_path / "qwen2_vl")
+    save_judge_model(tmp_path / "judge", "qwen2_5_vl", ("Yes", "No"))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]))
+    BertTokenizer(vocab_file=str(tmp_path / "bert" / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    args = RewardArguments(reward_funcs=["hpsv3", "vlm_judge", "imagereward"], hpsv3_checkpoint=str(tmp_path / "x"),
+                           hpsv3_base_model=str(base), vlm_judge_model=str(tmp_path / "judge"),
+                           vlm_judge_template="Is this {prompt}? Answer yes or no.", vlm_judge_image_size=56,
+                           image_reward_model=str(tmp_path / "y"), image_reward_tokenizer=str(tmp_path / "bert"))
+    hps, judge, image_reward = build_rewards(args)
+    assert [r.name for r in (hps, judge, image_reward)] == ["hpsv3", "vlm_judge", "image_reward"]
+    assert judge.question("a cat") == "Is this a cat? Answer yes or no." and judge.image_size == (56, 56)
+    assert not any(r.lazy_model.loaded for r in (hps, judge, image_reward))
+    with pytest.raises(ValueError, match="no {prompt} slot"):
+        RewardArguments(reward_funcs=["vlm_judge"], vlm_judge_template="Is this good?")
 
 
 def _command_of(path: str) -> str:

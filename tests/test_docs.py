@@ -39,7 +39,7 @@ MEMORY_SCRIPT = "recipes/ovis_image/memory_table.py"
 GRPO_STAGE = "recipes/ovis_image/stages/grpo.py"  # run on Ray workers through the command line below
 # The example files run by this module (each by the test named after it) and by tests/test_grpo_example.py.
 RUN_HERE = ("custom_reward.py", "served_reward.py", "flow_policy_adapter.py", "grpo_ovis_resume.py",
-            "dpo_preference_pairs.py")
+            "dpo_preference_pairs.py", "model_rewards.py")
 RUN_ELSEWHERE = {"grpo_lora_custom_model.py": "test_grpo_example.py"}
 # Shell placeholders of the cluster commands and the values they are parsed with.
 PLACEHOLDERS = {"$NODE_RANK": "0", "$HEAD_ADDR": "10.0.0.1"}
@@ -180,6 +180,27 @@ def test_served_reward_scores_like_the_local_one_and_fails_as_documented(monkeyp
     colour = np.array([np.nan if v is None else v for v in colour_match(prompts, images, **columns)])
     expected = colour + 0.5 * np.array(ContrastReward()(prompts, images))
     np.testing.assert_allclose(out["mixed"].total, expected, rtol=1e-12, equal_nan=True)
+
+
+def test_model_rewards_load_from_the_official_layouts_and_score(tmp_path):
+    """The guide's loading lines on tiny random checkpoints in the released layouts (tests/tiny_vlms.py)."""
+    from tiny_vlms import save_hpsv3_checkpoint, save_image_reward, save_judge_model, save_qwen2_vl_base
+
+    base = save_qwen2_vl_base(tmp_path / "qwen2_vl")
+    save_hpsv3_checkpoint(base, tmp_path / "hpsv3")
+    save_judge_model(tmp_path / "judge", "qwen2_5_vl", ("Yes", "No"))
+    image_reward = save_image_reward(tmp_path / "image_reward")
+    out = load_example("model_rewards.py").main([
+        "--hpsv3_checkpoint", str(tmp_path / "hpsv3"), "--hpsv3_base_model", str(base),
+        "--judge_model", str(tmp_path / "judge"), "--image_reward_model", str(image_reward["folder"]),
+        "--image_reward_tokenizer", str(image_reward["tokenizer"])])
+    result, (hps, judge, ir) = out["result"], out["rewards"]
+    assert result.names == ["hpsv3", "vlm_judge", "image_reward"] and np.isfinite(result.per_reward).all()
+    assert next(hps.model.backbone.parameters()).dtype == torch.bfloat16  # the official dtype by default
+    assert judge.image_size == (448, 448) and judge.inputs(out["prompts"][:1], out["images"][:1])[
+        "image_grid_thw"].tolist() == [[1, 32, 32]]  # 448 / 14 patches a side: 256 image tokens after merging
+    assert ((result.per_reward[:, 1] > 0) & (result.per_reward[:, 1] < 1)).all()
+    np.testing.assert_allclose(result.per_reward[:, 2], ir(out["prompts"], out["images"]), rtol=0, atol=1e-6)
 
 
 def free_port() -> int:

@@ -194,3 +194,82 @@ def test_ties_and_unscored_pairs_are_skipped_and_counted(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         DPOTrainer(policy, args=DPOConfig(output_dir=str(tmp_path / "dpo"), resolution=16, report_to="none",
                                           use_cpu=True), train_dataset=str(tmp_path / "ties"))
+
+
+# Hand-made scores for voting: (pool, generated) per prompt for three rewards; a pool image is a flat colour.
+VOTE_TABLE = {  # prompt: {reward: (pool score, generated score)}
+    "majority pool": {"hps": (5.0, 4.0), "clip": (0.3, 0.2), "pick": (20.0, 30.0)},  # 2-1 for the pool image
+    "all generated": {"hps": (4.0, 6.0), "clip": (0.2, 0.4), "pick": (20.0, 21.0)},  # 0-3
+    "split": {"hps": (5.0, 4.0), "clip": (0.2, 0.4), "pick": (21.0, 21.0)},  # 1-1, pick abstains (equal)
+    "pick fails": {"hps": (5.0, 4.0), "clip": (0.3, 0.2), "pick": (None, None)},  # unscored
+}
+
+
+def table_reward(name):
+    def reward(prompts, images, **columns):
+        pixels = [np.asarray(image.convert("RGB")) for image in images]
+        flat = [(x == x[0, 0]).all() for x in pixels]  # the pool images are one colour
+        return [VOTE_TABLE[p][name][0 if is_pool else 1] for p, is_pool in zip(prompts, flat)]
+
+    reward.__name__ = name
+    return reward
+
+
+def test_rewards_vote_on_each_pair(tmp_path):
+    rows = [{"id": p.replace(" ", "_"), "prompt": p, "image": PIL.Image.new("RGB", (16, 16), (200, 30, 30))}
+            for p in VOTE_TABLE]
+    rewards = [table_reward(name) for name in ("hps", "clip", "pick")]
+    settings = dict(id_column="id", height=16, width=16, num_inference_steps=2, guidance_scale=1.0,
+                    pair_rule="vote")
+    policy = make_policy()
+
+    summary = build_preference_pairs(policy, rows, rewards, tmp_path / "equal", **settings)
+    assert summary["num_pairs"] == 2 and summary["num_skipped"] == {"unreadable_pool_image": 0, "unscored": 1,
+                                                                    "tie": 1}
+    assert summary["pair_rule"] == "vote" and summary["vote_margins"] == {"hps": 0.0, "clip": 0.0, "pick": 0.0}
+    pairs = {row["id"]: row for row in read_jsonl(tmp_path / "equal" / "manifest.jsonl")}
+    majority = pairs["majority_pool"]
+    assert majority["chosen_source"] == "pool"  # by votes, though PickScore's +10 makes the summed total prefer
+    assert majority["totals"]["generated"] > majority["totals"]["pool"]  # the generated image
+    assert majority["votes"] == {"hps": "pool", "clip": "pool", "pick": "generated"}
+    assert majority["vote_totals"] == {"pool": 2.0, "generated": 1.0}
+    assert majority["scores"] == {"pool": {"hps": 5.0, "clip": 0.3, "pick": 20.0},
+                                  "generated": {"hps": 4.0, "clip": 0.2, "pick": 30.0}}
+    assert pairs["all_generated"]["chosen_source"] == "generated"
+    assert pairs["all_generated"]["vote_totals"] == {"pool": 0.0, "generated": 3.0}
+    skipped = {row["id"]: row for row in read_jsonl(tmp_path / "equal" / "skipped.jsonl")}
+    assert skipped["split"]["reason"] == "tie"
+    assert skipped["split"]["votes"] == {"hps": "pool", "clip": "generated", "pick": "abstain"}
+    assert skipped["pick_fails"]["reason"] == "unscored" and skipped["pick_fails"]["votes"]["pick"] is None
+    assert skipped["pick_fails"]["scores"]["pool"] == {"hps": 5.0, "clip": 0.3, "pick": None}
+
+    # HPSv3 weighted 2: it breaks the 1-1 split (2 against 1).
+    weighted = build_preference_pairs(policy, rows, rewards, tmp_path / "weighted", reward_weights=[2.0, 1.0, 1.0],
+                                      **settings)
+    pairs = {row["id"]: row for row in read_jsonl(tmp_path / "weighted" / "manifest.jsonl")}
+    assert weighted["num_pairs"] == 3 and pairs["split"]["chosen_source"] == "pool"
+    assert pairs["split"]["vote_totals"] == {"pool": 2.0, "generated": 1.0}
+    # A margin of 1.5 makes HPSv3 abstain on its differences of 1: the 2-1 majority becomes a 1-1 tie, and the
+    # 1-1 split becomes 0-1 for the generated image ...
+    margins = build_preference_pairs(policy, rows, rewards, tmp_path / "margins", vote_margins=[1.5, 0.0, 0.0],
+                                     **settings)
+    pairs = {row["id"]: row for row in read_jsonl(tmp_path / "margins" / "manifest.jsonl")}
+    assert margins["num_pairs"] == 2 and margins["num_skipped"]["tie"] == 1
+    assert pairs["split"]["chosen_source"] == "generated" and pairs["split"]["votes"]["hps"] == "abstain"
+    # ... and a tolerance of 1 vote turns every 2-1 into "too small a margin": only the 0-3 pair is kept.
+    tolerant = build_preference_pairs(policy, rows, rewards, tmp_path / "tolerant", tie_tolerance=1.0, **settings)
+    assert tolerant["num_pairs"] == 1 and tolerant["num_skipped"]["tie"] == 2
+    # The summed-total rule on the same scores: PickScore's scale decides the first pair.
+    total = build_preference_pairs(policy, rows, rewards, tmp_path / "total",
+                                   **{**settings, "pair_rule": "total"})
+    pairs = {row["id"]: row for row in read_jsonl(tmp_path / "total" / "manifest.jsonl")}
+    assert total["pair_rule"] == "total" and pairs["majority_pool"]["chosen_source"] == "generated"
+    assert "votes" not in pairs["majority_pool"]
+
+    with pytest.raises(ValueError, match="pair_rule must be one of"):
+        build_preference_pairs(policy, rows, rewards, tmp_path / "bad", **{**settings, "pair_rule": "majority"})
+    with pytest.raises(ValueError, match="one value >= 0 per reward"):
+        build_preference_pairs(policy, rows, rewards, tmp_path / "bad", vote_margins=[0.0], **settings)
+    with pytest.raises(ValueError, match="used by pair_rule='vote' only"):
+        build_preference_pairs(policy, rows, rewards, tmp_path / "bad", vote_margins=[0.0] * 3,
+                               **{**settings, "pair_rule": "total"})

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImageP
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
 from rlhf_image.policies import OVIS_SYSTEM_PROMPT
+from rlhf_image.sharded_init import without_zero3_init, zero3_enabled, zero3_init
 
 # The Qwen3 chat template, reduced to what the Ovis-Image pipeline uses (one user turn, no thinking).
 CHAT_TEMPLATE = (
@@ -100,10 +101,11 @@ def ovis_image_tiny(
     head_dim = hidden_size // num_heads
     if sum(axes_dims_rope) != head_dim:
         raise ValueError(f"axes_dims_rope {axes_dims_rope} must sum to the head dim {head_dim}")
-    transformer = OvisImageTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, out_channels=4 * latent_channels, num_layers=num_layers,
-        num_single_layers=num_single_layers, attention_head_dim=head_dim, num_attention_heads=num_heads,
-        joint_attention_dim=text_hidden_size, axes_dims_rope=axes_dims_rope)
+    with zero3_init():  # built already sharded when a ZeRO-3 config is active (see rlhf_image.sharded_init)
+        transformer = OvisImageTransformer2DModel(
+            patch_size=1, in_channels=4 * latent_channels, out_channels=4 * latent_channels, num_layers=num_layers,
+            num_single_layers=num_single_layers, attention_head_dim=head_dim, num_attention_heads=num_heads,
+            joint_attention_dim=text_hidden_size, axes_dims_rope=axes_dims_rope)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=["DownEncoderBlock2D"] * len(vae_block_out_channels),
@@ -153,10 +155,14 @@ def ovis_image_7b_transformer(path: str | None = None, torch_dtype: torch.dtype 
     `device="meta"` to inspect it without memory), or loaded from a diffusers folder / Hub id `path`
     (its `transformer` subfolder when there is one)."""
     if path is None:
+        if zero3_enabled():  # built already sharded across the ZeRO-3 processes (rlhf_image.sharded_init)
+            with zero3_init():
+                return OvisImageTransformer2DModel(**OVIS_IMAGE_7B_TRANSFORMER).to(torch_dtype)
         with torch.device(device or "cpu"):
             return OvisImageTransformer2DModel(**OVIS_IMAGE_7B_TRANSFORMER).to(torch_dtype)
     subfolder = "transformer" if _has_subfolder(path, "transformer") else None
-    return OvisImageTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+    with without_zero3_init():
+        return OvisImageTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
 
 
 def ovis_image_7b(
@@ -187,13 +193,14 @@ def ovis_image_7b(
     te_sub = "text_encoder" if _has_subfolder(te_path, "text_encoder") else None
     vae_path = vae or path
     vae_sub = "vae" if _has_subfolder(vae_path, "vae") else None
-    return OvisImagePipeline(
-        transformer=transformer,
-        text_encoder=Qwen3Model.from_pretrained(te_path, subfolder=te_sub, torch_dtype=torch_dtype),
-        tokenizer=Qwen2TokenizerFast.from_pretrained(path, subfolder="tokenizer"),
-        vae=AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, torch_dtype=torch_dtype),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-    )
+    with without_zero3_init():  # frozen parts load whole, also under ZeRO-3
+        return OvisImagePipeline(
+            transformer=transformer,
+            text_encoder=Qwen3Model.from_pretrained(te_path, subfolder=te_sub, torch_dtype=torch_dtype),
+            tokenizer=Qwen2TokenizerFast.from_pretrained(path, subfolder="tokenizer"),
+            vae=AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, torch_dtype=torch_dtype),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
 
 
 def _has_subfolder(path: str, name: str) -> bool:

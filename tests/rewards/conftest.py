@@ -104,3 +104,32 @@ def color_images():
     rng = np.random.default_rng(0)
     sizes = [(40, 30), (32, 32), (64, 48), (50, 70), (33, 33)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+# --- tiny vision-language checkpoints (tests/tiny_vlms.py) ----------------------------------------------------------
+JUDGE_WORDS = ("Yes", "No", "You are a helpful assistant.", 'Does this figure show "', '"? Please answer yes or no.')
+
+
+@pytest.fixture(scope="session")
+def tiny_judges(tmp_path_factory):
+    """Tiny random Qwen2.5-VL and Qwen3-VL judges saved to folders: `{model_type: (path, model)}`. The LM head is
+    scaled up so that the yes/no probabilities spread over (0, 1) instead of sitting near 0.5."""
+    torch = pytest.importorskip("torch")
+    from tiny_vlms import save_judge_model
+
+    root = tmp_path_factory.mktemp("judges")
+    judges = {}
+    for seed, model_type in enumerate(("qwen2_5_vl", "qwen3_vl")):
+        model = save_judge_model(root / model_type, model_type, JUDGE_WORDS, seed=seed, lm_head_scale=5.0)
+        judges[model_type] = (root / model_type, model)
+    return judges
+
+
+@pytest.fixture(scope="session")
+def varied_images():
+    """Four RGB images of different sizes and aspect ratios."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    sizes = [(60, 40), (64, 64), (30, 50), (97, 41)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]

@@ -167,12 +167,13 @@ class RecipeArguments:
 
 @dataclass
 class RewardArguments:
-    """Reward functions: names of `rlhf_image.recipes.ovis_image.stages.common.RECIPE_REWARDS` or `module:attr` paths."""
+    """Reward functions: names of `rlhf_image.recipes.ovis_image.stages.inputs.RECIPE_REWARDS` or `module:attr`
+    paths."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["ocr"],
-        metadata={"help": "Rewards: 'ocr', 'aesthetic', 'clip', 'pickscore', or 'package.module:name' (a callable, "
-                          "or a class built with no arguments)."})
+        metadata={"help": "Rewards: 'ocr', 'aesthetic', 'clip', 'pickscore', 'hpsv3', 'vlm_judge', 'imagereward', or "
+                          "'package.module:name' (a callable, or a class built with no arguments)."})
     ocr_detection: bool = field(
         default=True,
         metadata={"help": "OCR with text detection (real images); False reads the image as one line (tiny demo)."})
@@ -183,12 +184,37 @@ class RewardArguments:
         default="openai/clip-vit-large-patch14", metadata={"help": "CLIP of 'aesthetic' and 'clip' (path or Hub id)."})
     pickscore_model: str = field(
         default="yuvalkirstain/PickScore_v1", metadata={"help": "'pickscore': the PickScore model (path or Hub id)."})
+    hpsv3_checkpoint: str = field(
+        default="MizzenAI/HPSv3",
+        metadata={"help": "'hpsv3': folder or Hub id holding HPSv3.safetensors, or the file."})
+    hpsv3_base_model: str = field(
+        default="Qwen/Qwen2-VL-7B-Instruct",
+        metadata={"help": "'hpsv3': its base model's config, tokenizer and image processor (path or Hub id)."})
+    vlm_judge_model: str = field(
+        default="Qwen/Qwen2.5-VL-7B-Instruct",
+        metadata={"help": "'vlm_judge': the vision-language model asked about each image (path or Hub id)."})
+    vlm_judge_template: str = field(
+        default='Does this figure show "{prompt}"? Please answer yes or no.',
+        metadata={"help": "'vlm_judge': the yes/no question, with {prompt} where the prompt goes."})
+    vlm_judge_image_size: int | None = field(
+        default=None, metadata={"help": "'vlm_judge': resize images to this square size first (fewer image tokens)."})
+    image_reward_model: str = field(
+        default="THUDM/ImageReward",
+        metadata={"help": "'imagereward': folder or Hub id holding ImageReward.pt and med_config.json."})
+    image_reward_tokenizer: str = field(
+        default="bert-base-uncased", metadata={"help": "'imagereward': its BERT tokenizer (path or Hub id)."})
+    reward_device: str = field(
+        default="cpu", metadata={"help": "Device of the model rewards (aesthetic, clip, pickscore, hpsv3, vlm_judge, "
+                                         "imagereward), e.g. 'cuda'."})
 
     def __post_init__(self):
         if not self.reward_funcs:
             raise ValueError("reward_funcs is empty; name at least one reward, e.g. ['ocr']")
         if "aesthetic" in self.reward_funcs and not self.aesthetic_mlp:
             raise ValueError("reward 'aesthetic' needs `aesthetic_mlp` (the LAION predictor weights file)")
+        if "vlm_judge" in self.reward_funcs and "{prompt}" not in self.vlm_judge_template:
+            raise ValueError(f"vlm_judge_template={self.vlm_judge_template!r} has no {{prompt}} slot; put {{prompt}} "
+                             "where the prompt goes")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from rlhf_image.recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image.model_io import is_lora, load_lora
 from rlhf_image.policy import FlowPolicy
+from rlhf_image.sharded_init import without_zero3_init, zero3_init
 
 from .args import ModelArguments, RecipeArguments
 
@@ -82,12 +83,16 @@ def _load_pipeline(args: ModelArguments) -> OvisImagePipeline:
     if args.model == "7b":
         return ovis_image_7b(args.hub_id, transformer="random" if args.transformer_init == "random" else None,
                              text_encoder=args.text_encoder_path, vae=args.vae_path, torch_dtype=dtype)
-    pipe = load_stage_output(args.model, dtype)
-    if args.vae_path:
-        pipe = OvisImagePipeline(**{**pipe.components, "vae": _load_vae(args.vae_path, dtype)})
+    # Loaded whole even under ZeRO-3 (a pretrained transformer is partitioned when DeepSpeed wraps it; frozen
+    # parts never are): see rlhf_image.sharded_init.
+    with without_zero3_init():
+        pipe = load_stage_output(args.model, dtype)
+        if args.vae_path:
+            pipe = OvisImagePipeline(**{**pipe.components, "vae": _load_vae(args.vae_path, dtype)})
     if args.transformer_init == "random":
         torch.manual_seed(args.model_seed)
-        transformer = type(pipe.transformer).from_config(pipe.transformer.config).to(dtype)
+        with zero3_init():  # a random transformer is built already sharded under ZeRO-3
+            transformer = type(pipe.transformer).from_config(pipe.transformer.config).to(dtype)
         pipe = OvisImagePipeline(**{**pipe.components, "transformer": transformer})
     return pipe
 
@@ -218,9 +223,10 @@ def training_record(stage: str, trainer, model_args: ModelArguments, resumed_fro
 # --- the launch banner -------------------------------------------------------------------------------
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """`(total, trainable)` parameter counts."""
+    """`(total, trainable)` parameter counts (of the whole model also when ZeRO-3 has partitioned it)."""
     params = list(module.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    numel = [getattr(p, "ds_numel", p.numel()) for p in params]  # a ZeRO-3 parameter's local tensor is empty
+    return sum(numel), sum(n for n, p in zip(numel, params) if p.requires_grad)
 
 
 def describe_model(args: ModelArguments, transformer: torch.nn.Module) -> str:

@@ -33,23 +33,45 @@ def _ocr(args: RewardArguments):
 def _aesthetic(args: RewardArguments):
     from rlhf_image.rewards import AestheticReward
 
-    return AestheticReward(args.aesthetic_mlp, args.clip_model)
+    return AestheticReward(args.aesthetic_mlp, args.clip_model, device=args.reward_device)
 
 
 def _clip(args: RewardArguments):
     from rlhf_image.rewards import CLIPScore
 
-    return CLIPScore(args.clip_model)
+    return CLIPScore(args.clip_model, device=args.reward_device)
 
 
 def _pickscore(args: RewardArguments):
     from rlhf_image.rewards import PickScore
 
-    return PickScore(args.pickscore_model)
+    return PickScore(args.pickscore_model, device=args.reward_device)
+
+
+# The vision-language rewards load their weights on first use, so a stage that scores in Ray reward workers ships
+# them unloaded (pickled) and each worker loads its own copy once.
+def _hpsv3(args: RewardArguments):
+    from rlhf_image.rewards import HPSv3Reward
+
+    return HPSv3Reward(args.hpsv3_checkpoint, args.hpsv3_base_model, device=args.reward_device)
+
+
+def _vlm_judge(args: RewardArguments):
+    from rlhf_image.rewards import VLMJudgeReward
+
+    return VLMJudgeReward(args.vlm_judge_model, template=args.vlm_judge_template,
+                          image_size=args.vlm_judge_image_size, device=args.reward_device)
+
+
+def _image_reward(args: RewardArguments):
+    from rlhf_image.rewards import ImageReward
+
+    return ImageReward(args.image_reward_model, args.image_reward_tokenizer, device=args.reward_device)
 
 
 # The recipe's reward names (trl style: a small dict in the recipe, no registry in the library).
-RECIPE_REWARDS = {"ocr": _ocr, "aesthetic": _aesthetic, "clip": _clip, "pickscore": _pickscore}
+RECIPE_REWARDS = {"ocr": _ocr, "aesthetic": _aesthetic, "clip": _clip, "pickscore": _pickscore, "hpsv3": _hpsv3,
+                  "vlm_judge": _vlm_judge, "imagereward": _image_reward}
 
 
 def build_rewards(args: RewardArguments) -> list[Any]:
