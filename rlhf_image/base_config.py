@@ -56,7 +56,8 @@ class Bound:
         """The accepted values in words, e.g. `"an integer >= 2"` or `"a finite number in (0, 1]"`."""
         kind = "an integer" if self.integer else "a finite number"
         if self.low is not None and self.high is not None:
-            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {opening}{self.low:g}, {self.high:g}{closing}"
         elif self.low is not None:
             text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
         elif self.high is not None:

@@ -271,8 +271,9 @@ class BaseTrainer(Trainer):
         """Optimizer pre-step hook: if the loss or any gradient is non-finite, drop every gradient (torch
         optimizers skip parameters without one: no update, no moment change) and count the step."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        flags = [self._loss_finite.to(g.device) for g in grads[:1]] or [self._loss_finite]
-        finite = bool(torch.stack(flags + [torch.isfinite(g).all() for g in grads]).all())
+        device = grads[0].device if grads else self._loss_finite.device
+        # one device sync for the loss flag of every micro-batch of the step and all gradients
+        finite = bool(torch.stack([self._loss_finite.to(device), *(torch.isfinite(g).all() for g in grads)]).all())
         self._loss_finite = torch.ones_like(self._loss_finite)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must take the same decision (ZeRO ranks each see a shard of the gradients).

@@ -2,9 +2,10 @@
 
 Every dataset here is a map-style `torch.utils.data.Dataset` whose items are dicts
 `{"image": PIL.Image.Image (RGB), "prompt": str, "key": str, **extra_columns}` (every trainer reads the text from
-the `prompt` column); `key` names the sample in its source (file, row or tar member), for logs. An image that cannot be decoded (truncated bytes, a text
-file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the dataset counts it in
-`num_skipped`, and the trainer's collator drops it from its batch and logs `data/skipped_images`.
+the `prompt` column); `key` names the sample in its source (file, row or tar member), for logs. An image that
+cannot be decoded (truncated bytes, a text file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the
+dataset counts it in `num_skipped`, and the trainer's collator drops it from its batch and logs
+`data/skipped_images`.
 
 Sources: a folder of images with same-stem `.txt` captions ([`ImageFolderDataset`]), a JSONL or CSV
 manifest ([`ManifestDataset`]), parquet files with image bytes or paths ([`ParquetImageDataset`]) and
@@ -421,9 +422,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Per epoch, each bucket's indices are shuffled with a generator seeded by `(seed, DATA_ORDER, epoch)`
     (`rlhf_image.seeding`) and cut into batches of `batch_size` (a bucket's last, smaller batch is kept unless
-    `drop_last`); the batches are then shuffled together. That global list is made a multiple of `num_replicas` (dropping the tail with
-    `drop_last`, else repeating batches from its start, so every rank runs the same number of steps) and
-    rank `r` takes batches `r, r + num_replicas, ...`: its local batch `j` is global batch
+    `drop_last`); the batches are then shuffled together. That global list is made a multiple of `num_replicas`
+    (dropping the tail with `drop_last`, else repeating batches from its start, so every rank runs the same number
+    of steps) and rank `r` takes batches `r, r + num_replicas, ...`: its local batch `j` is global batch
     `j * num_replicas + r`.
 
     Args:

@@ -322,7 +322,8 @@ class FlowMatchingTrainer(BaseTrainer):
             self.ema.num_updates = self.state.global_step
             path = os.path.join(self.resume_checkpoint, self._ema_files()[0])
             if os.path.isfile(path):
-                self.ema.load_state_dict(safetensors.torch.load_file(path, device=str(local_tensor(named[0][1]).device)))
+                device = str(local_tensor(named[0][1]).device)
+                self.ema.load_state_dict(safetensors.torch.load_file(path, device=device))
             else:
                 logger.warning("no EMA in %s: the EMA restarts from the current weights", self.resume_checkpoint)
 

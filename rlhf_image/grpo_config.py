@@ -20,8 +20,8 @@ class GRPOConfig(BaseConfig):
     Only the parameters specific to GRPO are listed here; see [`~rlhf_image.BaseConfig`] for the ones every trainer
     shares (`resolution`, `height`, `width`, `max_consecutive_nonfinite`, gradient checkpointing) and
     [`~transformers.TrainingArguments`] for the rest (`learning_rate`, `gradient_accumulation_steps`, `deepspeed`,
-    `report_to`, `save_steps`, ...). Some defaults differ from [`~transformers.TrainingArguments`]. With [`~transformers.HfArgumentParser`] or
-    `trl.TrlParser` the class parses from YAML and the command line.
+    `report_to`, `save_steps`, ...). Some defaults differ from [`~transformers.TrainingArguments`]. With
+    [`~transformers.HfArgumentParser`] or `trl.TrlParser` the class parses from YAML and the command line.
 
     One optimizer step trains on one slice of a *rollout batch*: each process samples
     `per_device_train_batch_size * gradient_accumulation_steps` images (whole groups of `num_generations` images

@@ -78,7 +78,8 @@ def test_the_table_covers_every_numeric_field(cls):
 
 
 # Fields that other fields constrain (divisibility, the SDE window, data loading workers, the aspect ratio).
-CONSTRAINED = {"num_generations", "sde_window_size", "micro_batch_size", "dataloader_prefetch_factor", "height", "width"}
+CONSTRAINED = {"num_generations", "sde_window_size", "micro_batch_size", "dataloader_prefetch_factor", "height",
+               "width"}
 
 
 @pytest.mark.parametrize("cls", CLASSES)

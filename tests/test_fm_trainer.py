@@ -280,7 +280,8 @@ def test_gradient_checkpointing_and_bf16_run(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("timestep_sampling", "gaussian", "timestep_sampling"), ("cfg_dropout_prob", 1.0, "cfg_dropout_prob"),
-    ("buckets", ["64by64"], "buckets"), ("buckets", ["32x4000"], "buckets"), ("loss_weighting", "snr", "loss_weighting"),
+    ("buckets", ["64by64"], "buckets"), ("buckets", ["32x4000"], "buckets"),
+    ("loss_weighting", "snr", "loss_weighting"),
     ("ema_decay", 1.0, "ema_decay"), ("cache_dir", "/tmp/x", "cache_dir"), ("logit_std", 0.0, "logit_std"),
     ("remove_unused_columns", True, "remove_unused_columns")])
 def test_config_validation(tmp_path, field, value, match):
