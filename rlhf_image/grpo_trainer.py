@@ -444,12 +444,17 @@ class GRPOTrainer(BaseTrainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("GRPOTrainer.evaluate needs an eval_dataset")
+        if dataset is not self.eval_dataset:
+            self.check_dataset("eval_dataset", dataset)
         rows = [dataset[i] for i in range(len(dataset))]
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         seeds = [derive_seed(self.args.seed, Stream.EVALUATION, i) for i in range(len(rows))]
         self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
-        batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
+        try:
+            batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
+        except RewardError as error:
+            raise RewardError(f"GRPO evaluation at step {self.state.global_step}: {error}") from error
         per_reward = batch.per_reward.double().cpu().numpy()
         total = aggregate(per_reward, self.reward_weights, self.args.reward_aggregation)
         metrics = {}
