@@ -57,14 +57,18 @@ class _BadRequest(Exception):
         self.status, self.extra = status, extra
 
 
-def _parse_score_request(body: bytes, max_pixels: int, max_batch_pixels: int, limits: dict[str, int]):
-    """`(prompts, images, columns)` of a `/score` body; images are opened (headers checked) but not decoded."""
+def _load_json(text: str) -> Any:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise _BadRequest(400, f"body is not JSON: {exc}") from None
     except RecursionError:
         raise _BadRequest(400, "body is JSON nested too deeply") from None
+
+
+def _parse_score_request(payload: Any, max_pixels: int, max_batch_pixels: int, limits: dict[str, int]):
+    """`(prompts, images, columns)` of a parsed `/score` body; images are opened (headers checked) but not decoded,
+    and each one's base64 text is dropped from `payload` once opened (the bytes are held once, not twice)."""
     if not isinstance(payload, dict):
         raise _BadRequest(400, "body must be a JSON object")
     prompts, images, columns = payload.get("prompts"), payload.get("images"), payload.get("columns", {})
@@ -86,6 +90,7 @@ def _parse_score_request(body: bytes, max_pixels: int, max_batch_pixels: int, li
                 opened.append(open_png(image, max_pixels))
             except ValueError as exc:
                 raise _BadRequest(400, f"bad image {index}: {exc}") from None
+            images[index] = None
         batch_pixels = sum(image.width * image.height for image in opened)
         if batch_pixels > max_batch_pixels:
             raise _BadRequest(413, f"the {n} images have {batch_pixels:,} pixels in all, over the server's "
@@ -320,24 +325,39 @@ class RewardServer:
             return 400, {"error": "X-Request-Id must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"}
         return None
 
-    def _answer(self, body: bytes, request_id: str | None) -> tuple[int, dict[str, Any]]:
-        """Score `body`, or, for a request id already seen, wait for (or repeat) the answer of its first request."""
+    def _answer(self, body: bytes | None, request_id: str | None) -> tuple[int, dict[str, Any]] | None:
+        """Score `body`, or, for a request id already seen, wait for (or repeat) the answer of its first request.
+        None when there is no body (the client did not send it all)."""
+        if body is None:
+            return None
+        digest = hashlib.sha256(body).digest() if request_id is not None else b""
+        # one copy of the data at a time, or nearly: bytes -> text -> parsed payload, each freed once converted
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return 400, {"error": f"body is not JSON: not UTF-8 ({exc.reason} at byte {exc.start})"}
+        del body
+        try:
+            payload = _load_json(text)
+        except _BadRequest as exc:
+            return exc.status, {"error": str(exc)}
+        del text
         if request_id is None:
-            return self._score(body)
-        digest = hashlib.sha256(body).digest()
+            return self._score(payload)
         with self._requests_lock:
             entry = self._requests.get(request_id)
             first = entry is None
             if first:
                 entry = self._requests[request_id] = _Request(digest)
         if not first:
+            del payload
             if entry.digest != digest:
                 return 409, {"error": f"request id {request_id!r} was used before for another body; use a new id "
                                       f"per batch and the same one only to retry it"}
             entry.done.wait()
             return entry.answer
         try:
-            entry.answer = self._score(body)
+            entry.answer = self._score(payload)
         finally:
             entry.finished_at = time.monotonic()
             entry.done.set()
@@ -353,10 +373,11 @@ class RewardServer:
                 if number < excess or now - entry.finished_at > RESULT_TTL_S:
                     del self._requests[key]
 
-    def _score(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _score(self, payload: Any) -> tuple[int, dict[str, Any]]:
         try:
-            prompts, images, columns = _parse_score_request(body, self.max_pixels, self.max_batch_pixels,
+            prompts, images, columns = _parse_score_request(payload, self.max_pixels, self.max_batch_pixels,
                                                             self.limits)
+            del payload
         except _BadRequest as exc:
             return exc.status, {"error": str(exc), **exc.extra}
         try:
@@ -426,6 +447,17 @@ class RewardServer:
                 except OSError:
                     pass
 
+            def _read_body(self, length: int) -> bytes | None:
+                """The body, or None if the client did not send it all within the request's deadline."""
+                server._deadlines.arm(self.connection, server.request_timeout)
+                try:
+                    body = self.rfile.read(length)
+                except OSError:
+                    return None
+                finally:
+                    server._deadlines.disarm(self.connection)
+                return body if len(body) == length else None
+
             def handle_expect_100(self) -> bool:
                 refusal = server._refusal(self.path, self.headers) if self.command == "POST" else None
                 if refusal is None:
@@ -448,19 +480,13 @@ class RewardServer:
                 length, request_id = int(self.headers["Content-Length"]), self.headers.get("X-Request-Id")
                 server._deadlines.disarm(self.connection)  # waiting for memory is not the client's delay
                 with server._budget.reserve(length):
-                    server._deadlines.arm(self.connection, server.request_timeout)
-                    try:
-                        body = self.rfile.read(length)
-                    except OSError:
-                        body = b""
-                    server._deadlines.disarm(self.connection)
-                    if len(body) < length:  # the client gave up, or was too slow
-                        self.close_connection = True
-                        return
-                    status, payload = server._answer(body, request_id)
-                    del body
+                    # the body is handed on, not kept here, so it is freed as soon as it is parsed
+                    answer = server._answer(self._read_body(length), request_id)
+                if answer is None:  # the client gave up, or was too slow
+                    self.close_connection = True
+                    return
                 try:
-                    self._send(status, payload, request_id)
+                    self._send(*answer, request_id)
                 except OSError:  # the client left (timed out): a retry with its request id gets the answer
                     self.close_connection = True
 
