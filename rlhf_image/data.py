@@ -167,8 +167,11 @@ class ImageFolderDataset(ImageTextDataset):
 
     def _text(self, index: int) -> dict[str, Any]:
         path = os.path.splitext(self.paths[index])[0] + ".txt"
-        with open(path, "rb") as f:
-            caption = _utf8(f.read(), os.path.relpath(path, self.root)).strip()
+        try:
+            with open(path, encoding="utf-8") as f:
+                caption = f.read().strip()
+        except UnicodeDecodeError as exc:
+            raise UnreadableSample(f"{os.path.relpath(path, self.root)}: not UTF-8 text ({exc.reason})") from None
         return {"caption": caption, "key": self._key(index)}
 
 
