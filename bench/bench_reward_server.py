@@ -316,9 +316,9 @@ def client_faults(package: str):
     return rows
 
 
-SCENARIOS = {"no_token": no_token, "bomb": bomb, "big_batch": big_batch, "oversize": oversize, "burst50": lambda p: burst(p, 50),
-             "burst200": lambda p: burst(p, 200), "slow_clients": slow_clients, "slow_reward": slow_reward,
-             "client": client_faults}
+SCENARIOS = {"no_token": no_token, "bomb": bomb, "big_batch": big_batch, "oversize": oversize,
+             "burst50": lambda p: burst(p, 50), "burst200": lambda p: burst(p, 200), "slow_clients": slow_clients,
+             "slow_reward": slow_reward, "client": client_faults}
 
 
 def main() -> None:
