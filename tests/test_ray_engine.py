@@ -232,6 +232,8 @@ def test_lora_over_a_gloo_group_gives_ratio_one_and_recovers_from_kills(ray_sess
         policy = trainer_policy(lora=True, perturb=4)
         engine.bind(policy, [Brightness()], ["brightness"])
         engine.sync_weights(policy, 1)
+        # every member on this machine: they meet through a file, not a TCP store (which looks up names)
+        assert isinstance(engine._group.store, torch.distributed.FileStore)
         batch = engine.rollout(PROMPTS, SEEDS, COLUMNS, SPEC, WINDOW)
         assert_same(batch, *reference(policy))
         assert_ratio_one(policy, batch)
