@@ -78,7 +78,7 @@ class PixelTargetPolicy(FlowPolicy):
         images = [self.renderer.render(t) if t else blank() for t in targets]
         return Conditioning(pack_latents(pil_to_tensor(images) * 2 - 1))
 
-    def _transformer_forward(self, tokens, sigma, cond, height, width):
+    def _transformer_forward(self, transformer, tokens, sigma, cond, height, width):
         self.calls += 1
         return (tokens - cond.prompt_embeds) / sigma[:, None, None]
 
