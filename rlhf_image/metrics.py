@@ -42,7 +42,7 @@ def forward_flops(policy: FlowPolicy, cond: Conditioning, height: int, width: in
         batch_size (`int`): rows per transformer call.
     """
     base = base_transformer(policy.transformer)
-    shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in (cond.prompt_embeds, cond.pooled_prompt_embeds))
+    shapes = tuple(sorted(cond.layout().items()))
     key = (type(base).__name__, json.dumps(dict(base.config), sort_keys=True, default=str), shapes, height, width,
            batch_size, type(policy).__name__)
     if key not in _FLOPS_CACHE:
@@ -52,7 +52,10 @@ def forward_flops(policy: FlowPolicy, cond: Conditioning, height: int, width: in
         meta_policy.transformer = meta_transformer
         latent_h, latent_w = policy.latent_size(height, width)
         latents = torch.empty(batch_size, policy.num_latent_channels, latent_h, latent_w, device="meta")
-        meta_cond = Conditioning(*[None if s is None else torch.empty(batch_size, *s, device="meta") for s in shapes])
+        # Text states on the meta device; masks and ids keep their values (some adapters slice by them).
+        meta_cond = Conditioning.from_tensors({
+            name: value.to("meta") if value.is_floating_point() else value.cpu()
+            for name, value in cond.select([0] * batch_size).tensors().items()})
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             meta_policy.predict_velocity(latents, torch.tensor(0.5), meta_cond)
