@@ -466,10 +466,12 @@ def policy_class_for(pipe: Any) -> type[FlowPolicy] | None:
 
 
 def _no_adapter_error(pipe: Any) -> Exception:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     name = type(pipe).__name__
-    components = getattr(pipe, "components", {}) if hasattr(pipe, "components") else {}
+    components = pipe.components if hasattr(pipe, "components") else {}
     scheduler = components.get("scheduler")
-    if "unet" in components or (scheduler is not None and type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"):
+    if "unet" in components or (scheduler is not None and not isinstance(scheduler, FlowMatchEulerDiscreteScheduler)):
         denoiser = components.get("unet", components.get("transformer"))
         return TypeError(f"{name} is not a flow-matching model/scheduler (denoiser {type(denoiser).__name__}, "
                          f"scheduler {type(scheduler).__name__}): rlhf-image trains flow-matching (rectified-flow) "

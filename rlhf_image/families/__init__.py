@@ -20,7 +20,7 @@ How to add a family
 3. Add `"<PipelineClass>": "rlhf_image.families.<family>:<PolicyClass>"` to `BUILTIN_FAMILIES` below (users call
    `rlhf_image.register_family(PipelineClass, PolicyClass)` for their own).
 4. Add a tiny random configuration built offline with the family's real text-encoder classes to
-   `tests/tiny_families.py` and an entry to `tests/test_families.py`: sampling at noise 0 must match the stock
+   `tests/tiny_models.py` and an entry to `FAMILIES` in `tests/test_families.py`: sampling at noise 0 must match the stock
    pipeline (its default scheduler settings and guidance style) within 1e-5 in float32, and GRPO, DPO and SFT
    must run and save a LoRA that the stock pipeline loads.
 """
@@ -36,6 +36,12 @@ BUILTIN_FAMILIES = {
     "OvisImagePipeline": "rlhf_image.families.ovis_image:OvisImagePolicy",
     "FluxPipeline": "rlhf_image.families.flux:FluxPolicy",
     "StableDiffusion3Pipeline": "rlhf_image.families.sd3:SD3Policy",
+    "Flux2Pipeline": "rlhf_image.families.flux2:Flux2Policy",
+    "Flux2KleinPipeline": "rlhf_image.families.flux2:Flux2KleinPolicy",
+    "QwenImagePipeline": "rlhf_image.families.qwen_image:QwenImagePolicy",
+    "ZImagePipeline": "rlhf_image.families.z_image:ZImagePolicy",
+    "ChromaPipeline": "rlhf_image.families.chroma:ChromaPolicy",
+    "Lumina2Pipeline": "rlhf_image.families.lumina2:Lumina2Policy",
 }
 
 __all__ = sorted({entry.rpartition(":")[2] for entry in BUILTIN_FAMILIES.values()} | {"BUILTIN_FAMILIES"})
