@@ -161,3 +161,35 @@ def test_register_family_makes_from_pipeline_accept_a_pipeline_class(flux_pipe):
         del policy_module._FAMILIES[MyFlux]
     with pytest.raises(TypeError, match="not a FlowPolicy subclass"):
         register_family(MyFlux, dict)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_cfg_in_one_batched_call_or_two_is_exactly_on_policy(ovis_pipe, batched):
+    from rlhf_image.sampling import generate, transition_log_prob
+
+    policy = FlowPolicy.from_pipeline(ovis_pipe, max_sequence_length=MAX_SEQUENCE_LENGTH, batched_cfg=batched)
+    calls = []
+    hook = policy.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append(
+        kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        trajectory = generate(policy, PROMPTS, [0, 1, 2], height=32, width=32, num_steps=3, sde_type="sde",
+                              guidance_scale=4.0, micro_batch_size=2, decode=False)
+    finally:
+        hook.remove()
+    # two micro-batches of 2 rows, 3 steps: one call of 4 rows or two calls of 2 rows per step
+    assert calls == ([4] * 6 if batched else [2] * 12)
+    for j in range(3):
+        for rows in ([0, 1], [2, 2]):  # the sampler's micro-batches (the last one padded)
+            with torch.no_grad():
+                log_prob, _, _ = transition_log_prob(policy, trajectory.select(rows), j)
+            assert torch.equal(log_prob, trajectory.log_probs[rows, j])
+
+
+def test_batched_and_two_call_cfg_agree_to_float_rounding(ovis_pipe):
+    one = FlowPolicy.from_pipeline(ovis_pipe, max_sequence_length=MAX_SEQUENCE_LENGTH, batched_cfg=True)
+    two = FlowPolicy.from_pipeline(ovis_pipe, max_sequence_length=MAX_SEQUENCE_LENGTH, batched_cfg=False)
+    cond, neg = one.encode_prompt(PROMPTS), one.encode_negative_prompt(3)
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(one.predict_velocity(x, 0.6, cond, neg, 4.0),
+                                   two.predict_velocity(x, 0.6, cond, neg, 4.0), atol=1e-5, rtol=1e-5)
