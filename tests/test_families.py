@@ -5,6 +5,7 @@ pipeline predicts what the trained policy predicts; DPO and SFT train two steps.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ FAMILIES = {
                       pipe_kwargs=lambda g: {"guidance_scale": g - 1}),  # Z-Image counts CFG from 0
     "chroma": Family(tm.tiny_chroma_pipeline, "ChromaPolicy"),
     "lumina2": Family(tm.tiny_lumina2_pipeline, "Lumina2Policy", text_length=48, size=64),
+    "longcat-image": Family(tm.tiny_longcat_image_pipeline, "LongCatImagePolicy",  # prompts as given, not rewritten
+                            pipe_kwargs=lambda g: {"guidance_scale": g, "enable_prompt_rewrite": False}),
 }
 CASES = [(name, 1.0) for name in FAMILIES] + [(name, f.cfg_scale) for name, f in FAMILIES.items() if f.cfg_scale]
 
@@ -88,9 +91,11 @@ def test_sampling_equals_the_stock_pipeline(family_pipes, name, scale):
     policy = policy_of(name, pipe)
     assert type(policy).__name__ == family.adapter
     size = family.size
+    kwargs = family.pipe_kwargs(scale)
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:  # LongCat's is a pipeline attribute
+        kwargs["max_sequence_length"] = family.text_length
     expected = pipe(prompt=list(PROMPTS), height=size, width=size, num_inference_steps=4, output_type="np",
-                    generator=[torch.Generator().manual_seed(s) for s in range(3)],
-                    max_sequence_length=family.text_length, **family.pipe_kwargs(scale)).images
+                    generator=[torch.Generator().manual_seed(s) for s in range(3)], **kwargs).images
     ours = generate(policy, PROMPTS, [0, 1, 2], height=size, width=size, num_steps=4, guidance_scale=scale)
     assert torch.equal(policy.inference_sigmas(4, size, size), pipe.scheduler.sigmas.cpu())
     difference = np.abs(ours.images.permute(0, 2, 3, 1).numpy() - expected).max()

@@ -313,3 +313,35 @@ def tiny_lumina2_pipeline(seed: int = 0):
     return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0),
                            vae=tiny_vae(block_out_channels=(8, 8, 16, 16)), text_encoder=text_encoder,
                            tokenizer=tokenizer)
+
+
+# --- LongCat-Image -------------------------------------------------------------------------------------------------
+
+def tiny_longcat_image_pipeline(seed: int = 0, text_length: int = MAX_SEQUENCE_LENGTH):
+    """LongCat-Image architecture: a two-layer `Qwen2_5_VLForConditionalGeneration` text encoder with a byte-level
+    Qwen2 tokenizer, a one-double / one-single block `LongCatImageTransformer2DModel`, a 16-channel FLUX-style VAE
+    (the pipeline hard-codes 16 latent channels). The pipeline's text length (`tokenizer_max_length`, 512) is set to
+    `text_length`."""
+    from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from rlhf_image.recipes.ovis_image.model import byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]).eval()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                              "type": "default"}, rope_theta=1000000.0,
+                         vocab_size=len(tokenizer)),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    pipe = LongCatImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=tiny_vae(latent_channels=16),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer, text_processor=None,
+        transformer=transformer)
+    pipe.tokenizer_max_length = text_length
+    return pipe

@@ -20,8 +20,8 @@ How to add a family
 3. Add `"<PipelineClass>": "rlhf_image.families.<family>:<PolicyClass>"` to `BUILTIN_FAMILIES` below (users call
    `rlhf_image.register_family(PipelineClass, PolicyClass)` for their own).
 4. Add a tiny random configuration built offline with the family's real text-encoder classes to
-   `tests/tiny_models.py` and an entry to `FAMILIES` in `tests/test_families.py`: sampling at noise 0 must match the stock
-   pipeline (its default scheduler settings and guidance style) within 1e-5 in float32, and GRPO, DPO and SFT
+   `tests/tiny_models.py` and an entry to `FAMILIES` in `tests/test_families.py`: sampling at noise 0 must match the
+   stock pipeline (its default scheduler settings and guidance style) within 1e-5 in float32, and GRPO, DPO and SFT
    must run and save a LoRA that the stock pipeline loads.
 """
 
@@ -42,6 +42,7 @@ BUILTIN_FAMILIES = {
     "ZImagePipeline": "rlhf_image.families.z_image:ZImagePolicy",
     "ChromaPipeline": "rlhf_image.families.chroma:ChromaPolicy",
     "Lumina2Pipeline": "rlhf_image.families.lumina2:Lumina2Policy",
+    "LongCatImagePipeline": "rlhf_image.families.longcat_image:LongCatImagePolicy",
 }
 
 __all__ = sorted({entry.rpartition(":")[2] for entry in BUILTIN_FAMILIES.values()} | {"BUILTIN_FAMILIES"})
