@@ -237,7 +237,7 @@ def tiny_qwen_image_pipeline(seed: int = 0):
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
                                                               "type": "default"}, rope_theta=1000000.0,
-                         vocab_size=len(tokenizer)),
+                         vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
         hidden_size=16, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -336,7 +336,7 @@ def tiny_longcat_image_pipeline(seed: int = 0, text_length: int = MAX_SEQUENCE_L
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
                                                               "type": "default"}, rope_theta=1000000.0,
-                         vocab_size=len(tokenizer)),
+                         vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
         hidden_size=16, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
     pipe = LongCatImagePipeline(
