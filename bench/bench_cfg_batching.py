@@ -55,41 +55,58 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def sampling_step(policy: FlowPolicy, args) -> float:
-    """Seconds per denoising step of `generate` with CFG (median over repeats), micro-batch `args.batch`."""
+def sampling_seconds(policy: FlowPolicy, args) -> float:
+    """Seconds per denoising step of one `generate` call with CFG, micro-batch `args.batch`."""
     prompts = [f"a sign that says {i}" for i in range(args.batch)]
-    times = []
-    for repeat in range(args.warmup + args.repeats):
-        synchronize(args.device)
-        start = time.perf_counter()
-        generate(policy, prompts, list(range(args.batch)), height=args.size, width=args.size, num_steps=args.steps,
-                 guidance_scale=4.5, micro_batch_size=args.batch, decode=False)
-        synchronize(args.device)
-        if repeat >= args.warmup:
-            times.append((time.perf_counter() - start) / args.steps)
-    return statistics.median(times)
+    synchronize(args.device)
+    start = time.perf_counter()
+    generate(policy, prompts, list(range(args.batch)), height=args.size, width=args.size, num_steps=args.steps,
+             guidance_scale=4.5, micro_batch_size=args.batch, decode=False)
+    synchronize(args.device)
+    return (time.perf_counter() - start) / args.steps
 
 
-def training_step(policy: FlowPolicy, args) -> float:
-    """Seconds per trained transition: CFG forward of the recorded step's log-prob and its backward."""
+def training_seconds(policy: FlowPolicy, args, trajectory, j: int) -> float:
+    """Seconds of one trained transition: CFG forward of the recorded step's log-prob and its backward."""
+    synchronize(args.device)
+    start = time.perf_counter()
+    log_prob, _, _ = transition_log_prob(policy, trajectory, j % args.steps)
+    log_prob.mean().backward()
+    synchronize(args.device)
+    seconds = time.perf_counter() - start
+    policy.transformer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def rollout(policy: FlowPolicy, args):
     prompts = [f"a sign that says {i}" for i in range(args.batch)]
     trajectory = generate(policy, prompts, list(range(args.batch)), height=args.size, width=args.size,
                           num_steps=args.steps, sde_type="sde", guidance_scale=4.5, micro_batch_size=args.batch,
                           decode=False)
-    times = []
-    for repeat in range(args.warmup + args.repeats):
-        synchronize(args.device)
-        start = time.perf_counter()
-        log_prob, _, _ = transition_log_prob(policy, trajectory, repeat % args.steps)
-        log_prob.mean().backward()
-        synchronize(args.device)
-        if repeat >= args.warmup:
-            times.append(time.perf_counter() - start)
-        policy.transformer.zero_grad(set_to_none=True)
     with torch.no_grad():  # sampled and trained through the same path: exactly on-policy
         log_prob, _, _ = transition_log_prob(policy, trajectory, 0)
     assert torch.equal(log_prob, trajectory.log_probs[:, 0]), "the CFG path must be bit-identical on-policy"
-    return statistics.median(times)
+    return trajectory
+
+
+def measure(policy: FlowPolicy, args) -> dict[str, dict[bool, float]]:
+    """Median seconds per phase and mode. The two modes alternate within each repeat, so that a machine shared
+    with other work slows both alike."""
+    trajectories = {}
+    for batched in (False, True):
+        policy.batched_cfg = batched
+        trajectories[batched] = rollout(policy, args)
+    times = {"sampling / step": {False: [], True: []}, "training / step": {False: [], True: []}}
+    for repeat in range(args.warmup + args.repeats):
+        for batched in ((False, True) if repeat % 2 else (True, False)):
+            policy.batched_cfg = batched
+            sample = sampling_seconds(policy, args)
+            train = training_seconds(policy, args, trajectories[batched], repeat)
+            if repeat >= args.warmup:
+                times["sampling / step"][batched].append(sample)
+                times["training / step"][batched].append(train)
+    return {phase: {mode: statistics.median(values) for mode, values in by_mode.items()}
+            for phase, by_mode in times.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -99,18 +116,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=2, help="micro-batch (rows per call without CFG)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = []
     for family in args.families:
-        policy = build(family, args.device)
-        for phase, measure in (("sampling / step", sampling_step), ("training / step", training_step)):
-            seconds = {}
-            for batched in (False, True):
-                policy.batched_cfg = batched
-                seconds[batched] = measure(policy, args)
+        for phase, seconds in measure(build(family, args.device), args).items():
             rows.append({"family": family, "phase": phase, "two_calls": seconds[False], "batched": seconds[True]})
     print(f"\nCFG batching on {args.device}, micro-batch {args.batch}, {args.size}x{args.size} px, "
           f"{args.steps} steps, median of {args.repeats}")
