@@ -195,8 +195,9 @@ class FlowMatchingTrainer(Trainer):
         self.text_cache = self.latent_cache = None
         if args.cache_text_embeddings:
             probe = self.policy.encode_prompt(["rlhf-image text cache probe"])
-            self.text_cache = EncodeCache("text", fingerprint(type(self.policy).__name__, probe.prompt_embeds,
-                                                              probe.pooled_prompt_embeds), args.cache_dir)
+            probe_tensors = probe.tensors()
+            self.text_cache = EncodeCache("text", fingerprint(type(self.policy).__name__, *probe_tensors,
+                                                              *probe_tensors.values()), args.cache_dir)
         if args.cache_latents:
             probe = torch.linspace(0, 1, 3 * (2 * unit) ** 2).reshape(1, 3, 2 * unit, 2 * unit)
             self.latent_cache = EncodeCache("latents", fingerprint(self.policy.encode_images(probe)), args.cache_dir)
@@ -254,16 +255,10 @@ class FlowMatchingTrainer(Trainer):
         for chunk, padded in self._chunks(list(range(len(missing)))):
             cond = self.policy.encode_prompt([missing[i] for i in padded])
             for row, i in enumerate(chunk):
-                entry = {"prompt_embeds": cond.prompt_embeds[row]}
-                if cond.pooled_prompt_embeds is not None:
-                    entry["pooled_prompt_embeds"] = cond.pooled_prompt_embeds[row]
+                entry = cond.row(row)
                 self.text_cache.put(missing[i], entry)
                 entries[missing[i]] = entry
-        device = self.policy.device
-        pooled = None
-        if "pooled_prompt_embeds" in entries[prompts[0]]:
-            pooled = torch.stack([entries[p]["pooled_prompt_embeds"] for p in prompts]).to(device)
-        return Conditioning(torch.stack([entries[p]["prompt_embeds"] for p in prompts]).to(device), pooled)
+        return Conditioning.stack([entries[p] for p in prompts]).to(self.policy.device)
 
     def _encode_latents(self, pixel_values: torch.Tensor, image_hashes: list[str], valid: torch.Tensor) -> torch.Tensor:
         """Clean latents `[B, C, h, w]` (float32; zeros for invalid rows), VAE mode (deterministic)."""

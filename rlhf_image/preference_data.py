@@ -135,8 +135,9 @@ class PairEncoder:
         self.latent_cache = self.text_cache = None
         if cache_text:
             probe = policy.encode_prompt(["rlhf-image text cache probe"])
-            self.text_cache = EncodeCache("text", fingerprint(type(policy).__name__, probe.prompt_embeds,
-                                                              probe.pooled_prompt_embeds), cache_dir)
+            probe_tensors = probe.tensors()
+            self.text_cache = EncodeCache("text", fingerprint(type(policy).__name__, *probe_tensors,
+                                                              *probe_tensors.values()), cache_dir)
         if cache_latents:
             unit = 2 * policy.vae_scale_factor * policy.latent_patch
             probe = torch.linspace(0, 1, 3 * unit * unit).reshape(1, 3, unit, unit)
@@ -183,15 +184,10 @@ class PairEncoder:
         for rows, padded in self._chunks(len(missing)):
             cond = self.policy.encode_prompt([missing[i] for i in padded])
             for j, i in enumerate(rows):
-                entry = {"prompt_embeds": cond.prompt_embeds[j]}
-                if cond.pooled_prompt_embeds is not None:
-                    entry["pooled_prompt_embeds"] = cond.pooled_prompt_embeds[j]
+                entry = cond.row(j)
                 self.text_cache.put(missing[i], entry)
                 entries[missing[i]] = entry
-        device = self.policy.device
-        pooled = [entries[p].get("pooled_prompt_embeds") for p in prompts]
-        return Conditioning(torch.stack([entries[p]["prompt_embeds"] for p in prompts]).to(device),
-                            None if pooled[0] is None else torch.stack(pooled).to(device))
+        return Conditioning.stack([entries[p] for p in prompts]).to(self.policy.device)
 
     def batch_conditioning(self, batch: Mapping[str, Any]) -> Conditioning:
         """The conditioning of a collated batch: its precomputed embeddings if present, else encoded."""

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhf_image.rewards.compose import RewardSet
-from rlhf_image.policies import OvisImagePolicy
+from rlhf_image.families import OvisImagePolicy
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.rollout_engine import RolloutSpec
 from rlhf_image.sampling import generate, transition_log_prob
