@@ -34,11 +34,10 @@ dataset = [{"prompt": "a white page", "target_brightness": 0.9}, {"prompt": "a n
 
 def build_policy():
     # [start:policy]
-    from rlhf_image.policies import OvisImagePolicy
+    from rlhf_image import FlowPolicy
 
     pipe = ovis_image_tiny(tokenizer=ovis_prefix_tokenizer(), seed=0)  # or OvisImagePipeline.from_pretrained(...)
-    policy = OvisImagePolicy(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.config,
-                             max_sequence_length=24)  # 256 for the real model
+    policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=24)  # 256 for the real model
     # [end:policy]
     return policy
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = RewardServer(ContrastReward(), host="127.0.0.1", port=0, token=token)  # port 0: any free port
     server.start()  # a daemon thread; `with serve_reward(reward, token=...) as server:` does the same
     remote = RemoteReward(server.url, token=token, name="contrast_remote",
-                          timeout=30.0,          # seconds to connect and for each read
+                          timeout=30.0,          # seconds for one whole attempt (upload, scoring, answer)
                           max_retries=2,         # after the first attempt: refused/reset/timeout, 429/502/503/504
                           backoff=0.1,           # sleeps 0.1 s, 0.2 s, ... (at most backoff_max) between attempts
                           on_failure="none")     # give up -> [None] * N (unscored), instead of raising

@@ -34,7 +34,8 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: rlhf-image <command> --config <stage.yaml> [--field value ...]", "", "commands:"]
     lines += [f"  {name:<12} {description}" for name, (_, description) in COMMANDS.items()]
-    lines += ["", f"packaged configs: {CONFIG_DIR}", "help on a command's fields: rlhf-image <command> --help"]
+    lines += ["", f"packaged configs: {CONFIG_DIR}", "help on a command's fields: rlhf-image <command> --help "
+              "(--help-all adds every transformers.TrainingArguments field)"]
     return "\n".join(lines)
 
 
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"rlhf-image: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if "-h" in rest or "--help" in rest:  # the stage's own options, without importing the stage (fast)
+        from rlhf_image.recipes.cli_help import stage_help
+
+        print(stage_help(command, COMMANDS[command][0]))
+        return 0
+    rest = ["--help" if arg == "--help-all" else arg for arg in rest]  # every field, TrainingArguments included
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # component loading; the Trainer's progress bars stay

@@ -2,11 +2,19 @@
 
 HTTP + JSON, never pickle. Every request except `GET /health` carries `Authorization: Bearer <token>`.
 
-    GET  /health  -> 200 {"status": "ok", "reward": <name>}
+    GET  /health  -> 200 {"status": "ok", "reward": <name>, "limits": {"max_body_bytes": int, "max_pixels": int,
+                                                                     "max_batch_pixels": int}}
     POST /score   {"prompts": [str] * N, "images": [base64 PNG] * N, "columns": {name: [value] * N}}
+                  optional header `X-Request-Id: <id>` (1-128 of A-Z a-z 0-9 . _ : -), the same on every retry
                   -> 200 {"rewards": [float | null] * N, "reward": <name>}
-                  -> 400 malformed request, 401 bad token, 404 unknown path, 413 body too large,
-                     500 the reward raised or returned an invalid output; errors as {"error": str}.
+                  -> 400 malformed request (not JSON, nested too deeply, a column named `prompts` or `images`,
+                         an image that is not a PNG or has more pixels than `max_pixels`),
+                     401 bad token, 404 unknown path, 409 a request id reused for another body, 411 no
+                     Content-Length, 413 body over `max_body_bytes` or images over `max_batch_pixels` in all,
+                     500 the reward raised or returned an invalid output; errors as {"error": str}, and a 413
+                     also carries the limits and the request's `body_bytes` or `batch_pixels`.
+
+The server decides 401/404/411/413 from the headers, before it reads the body.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 from typing import Any
 
 from PIL import Image
@@ -45,17 +54,41 @@ def encode_image(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: str) -> Image.Image:
-    """Inverse of `encode_image`; raises `ValueError` on anything that is not a base64 PNG."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(raw: bytes) -> tuple[int, int]:
+    """`(width, height)` read from a PNG's IHDR chunk (the first 24 bytes), without decoding anything."""
+    if len(raw) < 24 or raw[:8] != PNG_SIGNATURE or raw[12:16] != b"IHDR":
+        raise ValueError("not a PNG image (no PNG signature and IHDR header)")
+    return struct.unpack(">II", raw[16:24])
+
+
+def open_png(data: str, max_pixels: int | None = None) -> Image.Image:
+    """A base64 PNG opened lazily (header parsed, pixels not decoded: call `.load()`); raises `ValueError` on
+    anything that is not a base64 PNG, or one whose header gives more than `max_pixels` pixels."""
     if not isinstance(data, str):
         raise ValueError(f"an image must be a base64 string, got {type(data).__name__}")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"invalid base64: {exc}") from None
+    width, height = png_size(raw)
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{width}x{height} is {width * height:,} pixels, over the server's max_pixels of "
+                         f"{max_pixels:,}; resize it before scoring")
     try:
-        image = Image.open(io.BytesIO(raw), formats=["PNG"])
-        image.load()
+        return Image.open(io.BytesIO(raw), formats=["PNG"])
     except Exception as exc:  # PIL raises several types for corrupt data
+        raise ValueError(f"not a PNG image: {exc}") from None
+
+
+def decode_image(data: str, max_pixels: int | None = None) -> Image.Image:
+    """Inverse of `encode_image`; raises `ValueError` on anything that is not a base64 PNG (of at most
+    `max_pixels` pixels, when given)."""
+    image = open_png(data, max_pixels)
+    try:
+        image.load()
+    except Exception as exc:
         raise ValueError(f"not a PNG image: {exc}") from None
     return image

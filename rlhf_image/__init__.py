@@ -33,6 +33,7 @@ _EXPORTS = {
     "make_buckets": "data",
     "Conditioning": "policy",
     "FlowPolicy": "policy",
+    "register_family": "policy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,10 +2,13 @@
 
 Every dataset here is a map-style `torch.utils.data.Dataset` whose items are dicts
 `{"image": PIL.Image.Image (RGB), "prompt": str, "key": str, **extra_columns}` (every trainer reads the text from
-the `prompt` column); `key` names the sample in its source (file, row or tar member), for logs. An image that
-cannot be decoded (truncated bytes, a text file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the
-dataset counts it in `num_skipped`, and the trainer's collator drops it from its batch and logs
-`data/skipped_images`.
+the `prompt` column); `key` names the sample in its source (file, row or tar member), for logs. An image that cannot be decoded (truncated bytes, a text
+file named `.png`, ...) is never fatal: `dataset[i]` returns `None`, the dataset counts it in
+`num_skipped`, and the trainer's collator drops it from its batch and logs `data/skipped_images`. A caption that
+cannot be read is the same: a `.txt` that is not UTF-8, a tar shard's `.json` sidecar that is not a JSON object,
+a tar member cut off where a shard ends early (the samples before the cut are kept; the shard is listed in
+`TarShardDataset.damaged_shards` and named in a warning). The index of a dataset must parse: a manifest row
+that is not JSON, not UTF-8 or lacks its columns fails at construction, naming the file and the line.
 
 Sources: a folder of images with same-stem `.txt` captions ([`ImageFolderDataset`]), a JSONL or CSV
 manifest ([`ManifestDataset`]), parquet files with image bytes or paths ([`ParquetImageDataset`]) and
@@ -122,12 +125,18 @@ def image_key(source: Any) -> str:
     raise TypeError(f"cannot key an image source of type {type(source).__name__}")
 
 
+class UnreadableSample(ValueError):
+    """A sample whose caption cannot be read (a bad sidecar, a member cut off by a truncated shard); it is skipped
+    and counted like an unreadable image."""
+
+
 class ImageTextDataset(torch.utils.data.Dataset, ABC):
     """Base class of the image-caption datasets. Subclasses implement `__len__`, [`_image_source`] and
     [`_text`]; synthetic datasets may override [`_load_image`] instead of [`_image_source`].
 
     Attributes:
-        num_skipped (`int`): images that could not be read so far, in this process (each index once).
+        num_skipped (`int`): samples whose image (or caption) could not be read so far, in this process (each
+            index once).
     """
 
     def __init__(self):
@@ -154,18 +163,23 @@ class ImageTextDataset(torch.utils.data.Dataset, ABC):
     def _read_size(self, index: int) -> tuple[int, int]:
         return read_image_size(self._image_source(index))
 
+    def _key(self, index: int) -> str:
+        """The `key` of item `index`, for logs (subclasses whose `_text` can fail give it without reading)."""
+        return self._text(index)["key"]
+
     def _mark_unreadable(self, index: int, error: Exception) -> None:
         if index not in self._skipped:
-            logger.warning("skipping unreadable image %s: %s", self._text(index)["key"], error)
+            logger.warning("skipping unreadable image %s: %s", self._key(index), error)
         self._skipped.add(index)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         try:
             image = self._load_image(index)
+            text = self._text(index)  # a caption file can be unreadable too (UnicodeDecodeError is a ValueError)
         except UNREADABLE_IMAGE_ERRORS as error:
             self._mark_unreadable(index, error)
             return None
-        return {"image": image, **self._text(index)}
+        return {"image": image, **text}
 
     def image_size(self, index: int) -> tuple[int, int] | None:
         """`(height, width)` of image `index` from its header, or `None` (counted) if unreadable."""
@@ -213,11 +227,17 @@ class ImageFolderDataset(ImageTextDataset):
     def _image_source(self, index: int) -> str:
         return self.paths[index]
 
+    def _key(self, index: int) -> str:
+        return os.path.relpath(self.paths[index], self.root)
+
     def _text(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
-        with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
-            caption = f.read().strip()
-        return {"prompt": caption, "key": os.path.relpath(path, self.root)}
+        path = os.path.splitext(self.paths[index])[0] + ".txt"
+        try:
+            with open(path, encoding="utf-8") as f:
+                caption = f.read().strip()
+        except UnicodeDecodeError as exc:
+            raise UnreadableSample(f"{os.path.relpath(path, self.root)}: not UTF-8 text ({exc.reason})") from None
+        return {"prompt": caption, "key": self._key(index)}
 
 
 class ManifestDataset(ImageTextDataset):
@@ -236,11 +256,9 @@ class ManifestDataset(ImageTextDataset):
         self.image_column, self.prompt_column = image_column, prompt_column
         self.root = os.path.dirname(os.path.abspath(path))
         if path.endswith(".csv"):
-            with open(path, newline="", encoding="utf-8") as f:
-                self.rows = list(csv.DictReader(f))
+            self.rows = _read_csv(path)
         elif path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+            self.rows = _read_jsonl(path)
         else:
             raise ValueError(f"manifest {path!r} must end in .jsonl, .json (one object per line) or .csv")
         for number, row in enumerate(self.rows):
@@ -259,6 +277,61 @@ class ManifestDataset(ImageTextDataset):
         row = self.rows[index]
         extra = {k: v for k, v in row.items() if k not in (self.image_column, self.prompt_column)}
         return {**extra, "prompt": str(row[self.prompt_column]), "key": str(row[self.image_column])}
+
+
+def _utf8(data: bytes, where: str) -> str:
+    """`data` decoded, or `UnreadableSample` naming `where`."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableSample(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines manifest; a line that is not UTF-8 JSON of an object raises `ValueError`
+    naming it."""
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each line of a manifest is "
+                                 f"one object")
+            rows.append(row)
+    return rows
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    """The rows of a CSV manifest (with a header line); text that is not UTF-8 or not CSV (an unterminated quote
+    would swallow the rows after it) raises `ValueError` naming the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows, line = [], 1
+    try:
+        reader.fieldnames  # reads the header line
+        while True:
+            line = reader.reader.line_num + 1  # where the next row starts
+            rows.append(next(reader))
+    except StopIteration:
+        return rows
+    except csv.Error as exc:
+        raise ValueError(f"{path} line {line}: not CSV ({exc})") from None
 
 
 class ParquetImageDataset(ImageTextDataset):
@@ -314,15 +387,27 @@ class ParquetImageDataset(ImageTextDataset):
         return {**extra, "prompt": str(prompt), "key": f"{os.path.basename(self.files[number])}:{row}"}
 
 
+# The magic bytes of compressed files: a compressed shard cannot be read by offset.
+_COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 class TarShardDataset(ImageTextDataset):
     """Webdataset-style tar shards: members grouped by key (the member path up to the first dot of its
     file name), one image (`key.jpg`, `key.png`, ...) plus a caption in `key.txt` or in the
     `caption_field` of `key.json` (whose other fields become columns). Read with `tarfile`; the shards
-    are indexed once and members read by offset.
+    are indexed once and members read by offset, so shards must be plain (uncompressed) tar files.
+
+    A sample whose caption cannot be read (a `.json` that is not a JSON object, a `.txt` or `.json` that is not
+    UTF-8, a sidecar cut off by the end of a truncated shard) is skipped and counted like an unreadable image.
+    A shard that ends early (cut in a header or a member, or without its end-of-archive block) or is no tar at
+    all keeps the samples before the damage; it is named in a warning and listed in `damaged_shards`.
 
     Args:
         shards (`str` or `list[str]`): shard files, or a glob pattern such as `"data/*.tar"`.
         caption_field (`str`, defaults to `"caption"`): the caption's field in `key.json`.
+
+    Attributes:
+        damaged_shards (`list[str]`): the shards that end early or could not be read as tar files.
     """
 
     def __init__(self, shards: str | Sequence[str], caption_field: str = "caption"):
@@ -331,50 +416,103 @@ class TarShardDataset(ImageTextDataset):
         if not self.shards:
             raise ValueError(f"no tar shard matches {shards!r}")
         self.caption_field = caption_field
-        # one entry per sample: (shard number, key, image (offset, size), caption, extra columns)
-        self.samples: list[tuple[int, str, tuple[int, int], str, dict[str, Any]]] = []
+        # one entry per sample: (shard number, key, image (offset, size), caption, extra columns, error); a sample
+        # with an error (its caption could not be read) has no caption and is unreadable
+        self.samples: list[tuple[int, str, tuple[int, int], str | None, dict[str, Any], str | None]] = []
+        self.damaged_shards: list[str] = []
+        problems = []
         for number, shard in enumerate(self.shards):
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(shard) as tar:
+            problem = self._index_shard(number, shard)
+            if problem is not None:
+                self.damaged_shards.append(shard)
+                problems.append(f"{shard}: {problem}")
+                logger.warning("tar shard %s: %s; the samples before the damage are kept", shard, problem)
+        if not self.samples:
+            raise ValueError(f"no image-caption sample found in {self.shards}" +
+                             (f" ({'; '.join(problems)})" if problems else ""))
+
+    def _index_shard(self, number: int, shard: str) -> str | None:
+        """Add the samples of one shard; returns what is wrong with the shard, if anything."""
+        with open(shard, "rb") as f:
+            head = f.read(6)
+        for magic, kind in _COMPRESSION_MAGIC.items():
+            if head.startswith(magic):
+                raise ValueError(f"tar shard {shard} is {kind}-compressed; members are read by their offset in the "
+                                 f"file, so decompress the shards first (e.g. `{kind} -d`)")
+        size = os.path.getsize(shard)
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            tar = tarfile.open(shard, mode="r:")
+        except tarfile.ReadError as exc:
+            return f"not a tar file ({exc})"
+        problem = None
+        with tar:
+            try:
                 for member in tar:
                     if not member.isfile():
                         continue
                     folder, name = os.path.split(member.name)
                     key, _, suffix = name.partition(".")
                     groups.setdefault(os.path.join(folder, key), {})[suffix.lower()] = member
-                for key, members in groups.items():
-                    image = next((members[s] for s in members if "." + s in IMAGE_EXTENSIONS), None)
-                    text = self._read_text(tar, members)
-                    if image is None or text is None:
-                        logger.warning("%s: sample %r has no image or no caption; left out", shard, key)
-                        continue
-                    caption, extra = text
-                    self.samples.append((number, key, (image.offset_data, image.size), caption, extra))
-        if not self.samples:
-            raise ValueError(f"no image-caption sample found in {self.shards}")
+            except tarfile.ReadError as exc:  # a member's data runs past the end of the file
+                problem = f"ends early ({exc})"
+            if problem is None and (size % tarfile.BLOCKSIZE or size < tar.offset + tarfile.BLOCKSIZE):
+                problem = f"ends early (cut at byte {size}, in a header or before the end-of-archive block)"
+            for key, members in groups.items():
+                image = next((members[s] for s in members if "." + s in IMAGE_EXTENSIONS), None)
+                caption, extra, error = self._read_text(tar, shard, members)
+                if image is None or (caption is None and error is None):
+                    logger.warning("%s: sample %r has no image or no caption; left out", shard, key)
+                    continue
+                self.samples.append((number, key, (image.offset_data, image.size), caption, extra, error))
+        return problem
 
-    def _read_text(self, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]):
+    def _read_text(self, tar: tarfile.TarFile, shard: str, members: dict[str, tarfile.TarInfo]):
+        """`(caption, extra columns, error)` of one sample; `error` names the shard and member it could not read."""
         extra: dict[str, Any] = {}
         caption = None
-        if "json" in members:
-            extra = json.loads(tar.extractfile(members["json"]).read().decode("utf-8"))
-            caption = extra.pop(self.caption_field, None)
-        if "txt" in members:
-            caption = tar.extractfile(members["txt"]).read().decode("utf-8").strip()
-        return None if caption is None else (str(caption), extra)
+        for suffix in ("json", "txt"):
+            if suffix not in members:
+                continue
+            where = f"{shard}:{members[suffix].name}"
+            try:
+                text = _utf8(tar.extractfile(members[suffix]).read(), where)
+                if suffix == "txt":
+                    caption = text.strip()
+                    continue
+                try:
+                    extra = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise UnreadableSample(f"{where}: not JSON ({exc})") from None
+                if not isinstance(extra, dict):
+                    raise UnreadableSample(f"{where}: a JSON {type(extra).__name__}, not a JSON object")
+                caption = extra.pop(self.caption_field, None)
+            except UnreadableSample as exc:
+                return None, {}, str(exc)
+            except tarfile.ReadError as exc:  # the member is cut off by the end of the shard
+                return None, {}, f"{where}: cut off ({exc})"
+        return (None if caption is None else str(caption)), extra, None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _image_source(self, index: int) -> bytes:
-        number, _, (offset, size), _, _ = self.samples[index]
+        number, _, (offset, size), _, _, error = self.samples[index]
+        if error is not None:
+            raise UnreadableSample(error)
         with open(self.shards[number], "rb") as f:
             f.seek(offset)
             return f.read(size)
 
+    def _key(self, index: int) -> str:
+        number, key = self.samples[index][:2]
+        return f"{os.path.basename(self.shards[number])}:{key}"
+
     def _text(self, index: int) -> dict[str, Any]:
-        number, key, _, caption, extra = self.samples[index]
-        return {**extra, "prompt": caption, "key": f"{os.path.basename(self.shards[number])}:{key}"}
+        _, _, _, caption, extra, error = self.samples[index]
+        if error is not None:
+            raise UnreadableSample(error)
+        return {**extra, "prompt": caption, "key": self._key(index)}
 
 
 # --- aspect-ratio buckets ------------------------------------------------------------------------

@@ -46,9 +46,9 @@ class FrozenEncoders:
         self.policy, self.batch_size = policy, batch_size
         self.latent_cache = self.text_cache = None
         if cache_text:
-            probe = policy.encode_prompt(["rlhf-image text cache probe"])
-            self.text_cache = EncodeCache("text", fingerprint(type(policy).__name__, probe.prompt_embeds,
-                                                              probe.pooled_prompt_embeds), cache_dir)
+            probe = policy.encode_prompt(["rlhf-image text cache probe"]).tensors()
+            self.text_cache = EncodeCache("text", fingerprint(type(policy).__name__, *probe, *probe.values()),
+                                          cache_dir)
         if cache_latents:
             unit = 2 * policy.pixel_unit
             probe = torch.linspace(0, 1, 3 * unit * unit).reshape(1, 3, unit, unit)
@@ -61,7 +61,7 @@ class FrozenEncoders:
             yield rows, rows + [rows[-1]] * (self.batch_size - len(rows))
 
     def conditioning(self, prompts: Sequence[str], also_cache: Sequence[str] = ()) -> Conditioning:
-        """The text conditioning of `prompts` (`[B, L, D]`, and `[B, P]` pooled where the model has one).
+        """The text conditioning of `prompts` (batch `B`; its tensors are the family's, see `Conditioning`).
 
         Args:
             prompts (`list[str]`): the prompts to encode.
@@ -78,15 +78,10 @@ class FrozenEncoders:
         for rows, padded in self._chunks(len(missing)):
             cond = self.policy.encode_prompt([missing[i] for i in padded])
             for j, i in enumerate(rows):
-                entry = {"prompt_embeds": cond.prompt_embeds[j]}
-                if cond.pooled_prompt_embeds is not None:
-                    entry["pooled_prompt_embeds"] = cond.pooled_prompt_embeds[j]
+                entry = cond.row(j)
                 self.text_cache.put(missing[i], entry)
                 entries[missing[i]] = entry
-        device = self.policy.device
-        pooled = [entries[p].get("pooled_prompt_embeds") for p in prompts]
-        return Conditioning(torch.stack([entries[p]["prompt_embeds"] for p in prompts]).to(device),
-                            None if pooled[0] is None else torch.stack(pooled).to(device))
+        return Conditioning.stack([entries[p] for p in prompts]).to(self.policy.device)
 
     def latents(self, num_rows: int, pixels: Callable[[list[int]], torch.Tensor],
                 keys: Sequence[str] | None = None) -> torch.Tensor:

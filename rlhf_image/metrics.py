@@ -9,6 +9,7 @@ no compute), attention included; a training step costs 3x a forward (forward + b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,7 +33,8 @@ def forward_flops(policy: FlowPolicy, cond: Conditioning, height: int, width: in
     """FLOPs of one `policy.predict_velocity` call without CFG on `batch_size` rows at `height x width` pixels.
 
     Counted on a meta-device copy of the base transformer (LoRA layers are not counted: they add about
-    `rank / hidden_size` of the cost). Cached per architecture and shape.
+    `rank / hidden_size` of the cost); for a transformer that cannot run on the meta device, on one real row times
+    `batch_size`. Cached per architecture and shape.
 
     Args:
         policy ([`FlowPolicy`]).
@@ -41,19 +43,33 @@ def forward_flops(policy: FlowPolicy, cond: Conditioning, height: int, width: in
         batch_size (`int`): rows per transformer call.
     """
     base = base_transformer(policy.transformer)
-    shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in (cond.prompt_embeds, cond.pooled_prompt_embeds))
+    shapes = tuple(sorted(cond.layout().items()))
     key = (type(base).__name__, json.dumps(dict(base.config), sort_keys=True, default=str), shapes, height, width,
            batch_size, type(policy).__name__)
     if key not in _FLOPS_CACHE:
         with torch.device("meta"):
             meta_transformer = type(base).from_config(base.config)
+        meta_policy = copy.copy(policy)
+        meta_policy.transformer = meta_transformer
         latent_h, latent_w = policy.latent_size(height, width)
         latents = torch.empty(batch_size, policy.num_latent_channels, latent_h, latent_w, device="meta")
-        meta_cond = Conditioning(*[None if s is None else torch.empty(batch_size, *s, device="meta") for s in shapes])
+        # Text states on the meta device; masks and ids keep their values (some adapters slice by them).
+        meta_cond = Conditioning.from_tensors({
+            name: value.to("meta") if value.is_floating_point() else value.cpu()
+            for name, value in cond.select([0] * batch_size).tensors().items()})
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            policy.predict_velocity(latents, torch.tensor(0.5), meta_cond, transformer=meta_transformer)
-        _FLOPS_CACHE[key] = int(counter.get_total_flops())
+        try:
+            with counter, torch.no_grad():
+                meta_policy.predict_velocity(latents, torch.tensor(0.5), meta_cond)
+            _FLOPS_CACHE[key] = int(counter.get_total_flops())
+        except (NotImplementedError, RuntimeError):
+            # Transformers that read values of their inputs (a mask's lengths) cannot run on the meta device: count
+            # one real row instead (the cost is linear in the rows).
+            real = torch.zeros(1, policy.num_latent_channels, latent_h, latent_w, device=policy.device)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                policy.predict_velocity(real, torch.tensor(0.5), cond.select([0]).to(policy.device))
+            _FLOPS_CACHE[key] = int(counter.get_total_flops()) * batch_size
     return _FLOPS_CACHE[key]
 
 

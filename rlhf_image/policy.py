@@ -1,61 +1,140 @@
-"""`FlowPolicy`: one face over a diffusers flow-matching text-to-image model.
+"""`FlowPolicy`: one face over a diffusers flow-matching text-to-image model, and the registry of families.
 
-A policy's latents are VAE-space tensors `[B, C, h, w]` (already shifted and scaled, as the
-transformer sees them); adapters pack them into tokens around the transformer call, which is an exact
-permutation. Everything a trainer needs goes through six methods: `encode_prompt`, `predict_velocity`,
-`initial_noise`, `decode`, `encode_images` and `trainable_parameters`.
+A policy's latents are tensors `[B, C, h, w]` in the model's own latent layout, already normalised as the
+transformer sees them (FLUX: VAE latents after shift and scale; FLUX.2: 2x2-patchified and batch-normed;
+Qwen-Image: the single frame of its video VAE, mean/std normalised). The sampler, the SDE steps and every
+trainer work on them without knowing the family. A family adapter implements two methods:
+
+- `encode_prompt(prompts) -> Conditioning`: the text conditioning, exactly as the family's pipeline computes it,
+  padded to one fixed length so that a sample's computation never depends on the other prompts of its batch;
+- `forward(transformer, latents, sigma, cond) -> velocity`: one transformer call on latents `[B, C, h, w]` at noise
+  levels `sigma` `[B]`, returning the velocity `eps - x0` in the same layout. Families whose transformer takes
+  2x2-packed tokens use [`pack_latents`] / [`unpack_latents`] inside it.
+
+and may override `guide` (the CFG combination), `inference_sigmas` (the schedule its pipeline passes to the
+scheduler), `encode_negative_prompt`, `decode` / `encode_images` (VAEs other than `AutoencoderKL`) and
+`frozen_modules`. `register_family(PipelineClass, PolicyClass)` makes `FlowPolicy.from_pipeline` and every trainer
+accept the family's pipelines.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .families import BUILTIN_FAMILIES
+from .schedule import inference_sigmas as flux_style_sigmas
+
+# --- conditioning --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Conditioning:
-    """Text conditioning for a batch.
+    """Text conditioning for a batch: every tensor is batch-first, so `select`, `cat`, `to` and the Ray transfer
+    of trajectories work the same for every family.
 
     Args:
         prompt_embeds (`torch.Tensor` of shape `[B, L, D]`): per-token text states.
-        pooled_prompt_embeds (`torch.Tensor` of shape `[B, P]`, *optional*): pooled text embedding
-            (FLUX, SD3); `None` for models without one (Ovis-Image).
+        pooled_prompt_embeds (`torch.Tensor` of shape `[B, P]`, *optional*): pooled text embedding (FLUX.1, SD3).
+        attention_mask (`torch.Tensor` of shape `[B, L]`, *optional*): 1 (or `True`) for real text tokens, 0 for
+            padding (Qwen-Image, Z-Image, Lumina2, Chroma).
+        text_ids (`torch.Tensor` of shape `[B, L, K]`, *optional*): text position ids (FLUX.2).
+        extra (`dict[str, torch.Tensor]`, defaults to `{}`): any other per-sample tensors a family needs (several
+            text states, for example), each of shape `[B, ...]`.
     """
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def _map(self, fn) -> Conditioning:
-        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                               for f in fields(self)})
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name (`extra` entries as `extra.<name>`), in a fixed order."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update({f"extra.{k}": v for k, v in sorted(self.extra.items())})
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Conditioning:
+        """Inverse of [`tensors`]."""
+        extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(**{k: v for k, v in tensors.items() if not k.startswith("extra.")}, extra=extra)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        return Conditioning.from_tensors({k: fn(v) for k, v in self.tensors().items()})
 
     def select(self, index: torch.Tensor | list[int] | slice) -> Conditioning:
         """The rows `index` of every tensor."""
         return self._map(lambda t: t[index])
 
-    def to(self, *args, **kwargs) -> Conditioning:
-        return self._map(lambda t: t.to(*args, **kwargs))
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move every tensor to `device`; `dtype` applies to floating-point tensors only (masks and ids keep theirs)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def detach(self) -> Conditioning:
         return self._map(lambda t: t.detach())
 
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample `i` as named tensors without the batch dimension (for caches); see [`stack`]."""
+        return {k: v[i] for k, v in self.tensors().items()}
+
+    @classmethod
+    def stack(cls, rows: list[Mapping[str, torch.Tensor]]) -> Conditioning:
+        """Inverse of [`row`] over a list of rows."""
+        return cls.from_tensors({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+    def layout(self) -> dict[str, tuple]:
+        """The per-sample shape and dtype of every tensor: two conditionings concatenate iff their layouts match."""
+        return {k: (tuple(v.shape[1:]), v.dtype) for k, v in self.tensors().items()}
+
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
-        first = items[0]
-        return Conditioning(**{f.name: None if getattr(first, f.name) is None
-                               else torch.cat([getattr(c, f.name) for c in items]) for f in fields(first)})
+        """Concatenate along the batch. All items must have the same layout (see [`layout`])."""
+        layout = items[0].layout()
+        for item in items[1:]:
+            if item.layout() != layout:
+                raise ValueError(f"cannot concatenate conditionings of different layouts: {layout} vs {item.layout()}; "
+                                 "a family adapter must pad every prompt to one fixed length")
+        return Conditioning.from_tensors({k: torch.cat([c.tensors()[k] for c in items]) for k in layout})
+
+
+def pad_to_length(cond: Conditioning, length: int) -> Conditioning:
+    """Pad (with zeros, mask 0) or check the text length of `cond` to exactly `length` tokens; `cond` needs an
+    `attention_mask` when it is padded."""
+    current = cond.prompt_embeds.shape[1]
+    if current > length:
+        raise ValueError(f"text of {current} tokens is longer than the fixed length {length}")
+    if current == length:
+        return cond
+    if cond.attention_mask is None:
+        raise ValueError("padding text states needs an attention mask")
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        shape = (t.shape[0], length - current, *t.shape[2:])
+        return torch.cat([t, t.new_zeros(shape)], dim=1)
+
+    return Conditioning(pad(cond.prompt_embeds), cond.pooled_prompt_embeds, pad(cond.attention_mask),
+                        None if cond.text_ids is None else pad(cond.text_ids), dict(cond.extra))
+
+
+# --- packing (a helper for the families whose transformer takes 2x2 patches as tokens) ------------------------
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """`[B, C, h, w]` -> `[B, (h/2)(w/2), 4C]`: 2x2 patches as tokens (FLUX, Ovis-Image)."""
+    """`[B, C, h, w]` -> `[B, (h/2)(w/2), 4C]`: 2x2 patches as tokens (FLUX.1, Ovis-Image, Qwen-Image, Chroma)."""
     b, c, h, w = latents.shape
     latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return latents.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -69,51 +148,166 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """RoPE positions `(0, row, col)` of the packed tokens of an `height x width` latent, `[L, 3]`."""
+    """RoPE positions `(0, row, col)` of the packed tokens of an `height x width` latent, `[L, 3]` (FLUX.1)."""
     ids = torch.zeros(height // 2, width // 2, 3)
     ids[..., 1] += torch.arange(height // 2)[:, None]
     ids[..., 2] += torch.arange(width // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+# --- scheduler checks ----------------------------------------------------------------------------------------
+
+# Scheduler options whose effect is not a change of the sigma schedule: refused everywhere, with this one message.
+UNSUPPORTED_SCHEDULER_OPTIONS = {
+    "stochastic_sampling": "re-noises inside `scheduler.step`; rlhf-image's sampler takes its own steps "
+                           "(use `sde_type` for stochastic sampling)",
+    "invert_sigmas": "runs sigma from 0 to 1; rlhf-image's steps assume sigma 1 = noise and 0 = data",
+}
+
+
+def flow_matching_scheduler_config(scheduler: Any) -> dict:
+    """The config of a `FlowMatchEulerDiscreteScheduler` (an instance or its config), checked.
+
+    Every option that changes the sigma schedule (shift, dynamic shifting and `time_shift_type`, `shift_terminal`,
+    Karras / exponential / beta sigmas) is supported: schedules are computed by the scheduler's own `set_timesteps`.
+    Options in `UNSUPPORTED_SCHEDULER_OPTIONS` are refused. Raises `TypeError` for any other scheduler class.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, Mapping):
+        config = dict(scheduler)
+        name = config.get("_class_name", FlowMatchEulerDiscreteScheduler.__name__)
+        is_flow = name == FlowMatchEulerDiscreteScheduler.__name__
+    else:
+        config, name = dict(getattr(scheduler, "config", {})), type(scheduler).__name__
+        is_flow = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    if not is_flow:
+        raise TypeError(f"{name} is not a flow-matching model/scheduler: rlhf-image trains flow-matching "
+                        "(rectified-flow) models sampled with FlowMatchEulerDiscreteScheduler; restore the model's "
+                        "own FlowMatchEulerDiscreteScheduler")
+    unsupported = [key for key in UNSUPPORTED_SCHEDULER_OPTIONS if config.get(key)]
+    if unsupported:
+        reasons = "; ".join(f"{key}: {UNSUPPORTED_SCHEDULER_OPTIONS[key]}" for key in unsupported)
+        raise ValueError(f"scheduler options {unsupported} are not supported ({reasons}); set them to False")
+    return config
+
+
+# --- the adapter base ----------------------------------------------------------------------------------------
+
+
 class FlowPolicy(ABC):
-    """Base adapter. Subclasses implement [`encode_prompt`] and [`_transformer_forward`].
+    """Base adapter of a diffusers flow-matching text-to-image family. See the module docstring.
 
     Args:
-        transformer (`torch.nn.Module`): the denoiser, predicting velocity `eps - x0`.
-        vae (`diffusers.AutoencoderKL`): frozen image autoencoder.
-        scheduler_config (`dict`): config of the model's `FlowMatchEulerDiscreteScheduler` (its shift).
-        negative_prompt (`str`, defaults to `""`): unconditional prompt for true CFG.
+        transformer (`torch.nn.Module`): the denoiser (it, or its LoRA adapter, is what trains).
+        vae (`torch.nn.Module`): frozen image autoencoder.
+        scheduler (`FlowMatchEulerDiscreteScheduler` or its config `dict`): the pipeline's scheduler; any other
+            scheduler class is refused ("not a flow-matching model/scheduler").
+        negative_prompt (`str`, defaults to `""`): unconditional prompt of classifier-free guidance.
+        batched_cfg (`bool`, *optional*): run the conditional and unconditional rows of CFG in one transformer call
+            (defaults to the family's `supports_batched_cfg`).
+
+    Class attributes a family may set: `latent_patch` (latent heights and widths must be multiples of it; the
+    tokens per latent cell are `1 / latent_patch**2`), `supports_batched_cfg`.
     """
 
-    latent_patch = 2  # latent h and w must be multiples of this
+    latent_patch = 2
+    supports_batched_cfg = True
 
-    def __init__(self, transformer, vae, scheduler_config: dict, negative_prompt: str = ""):
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: Any,
+                 negative_prompt: str = "", *, batched_cfg: bool | None = None):
         self.transformer = transformer
         self.vae = vae
-        self.scheduler_config = dict(scheduler_config)
+        self.scheduler_config = flow_matching_scheduler_config(scheduler)
         self.negative_prompt = negative_prompt
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.batched_cfg = self.supports_batched_cfg if batched_cfg is None else batched_cfg
+        if self.batched_cfg and not self.supports_batched_cfg:
+            raise ValueError(f"{type(self).__name__} cannot batch the CFG rows: pass batched_cfg=False")
+        self.vae_scale_factor = self._vae_scale_factor()
         self.base_model_name_or_path: str | None = None
         for module in self.frozen_modules():
             module.requires_grad_(False)
 
-    # --- to implement per family -------------------------------------------------------------
+    # --- to implement per family ---------------------------------------------------------------------------
     @abstractmethod
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """Text conditioning for `prompts`, exactly as the family's diffusers pipeline computes it."""
+        """Text conditioning for `prompts`, as the family's pipeline computes it, padded to a fixed length."""
 
     @abstractmethod
-    def _transformer_forward(self, transformer: torch.nn.Module, tokens: torch.Tensor, sigma: torch.Tensor,
-                             cond: Conditioning, height: int, width: int) -> torch.Tensor:
-        """One call of `transformer` (the policy's own, or a wrapper of it) on packed `tokens` `[B, L, C']` at noise
-        level `sigma` `[B]`."""
+    def forward(self, transformer: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
+                cond: Conditioning) -> torch.Tensor:
+        """One transformer call.
 
+        Args:
+            transformer (`torch.nn.Module`): `self.transformer`, or a wrapper of it (DDP, DeepSpeed, peft): call it,
+                don't read its attributes (read configuration from `self.transformer` at construction).
+            latents (`torch.Tensor` of shape `[B, C, h, w]`): in the transformer's dtype.
+            sigma (`torch.Tensor` of shape `[B]`): noise levels in [0, 1], float32.
+            cond ([`Conditioning`]): batch `B`.
+
+        Returns:
+            `torch.Tensor` of shape `[B, C, h, w]`: the velocity `eps - x0` (flip the sign here for models that
+            predict `x0 - eps`).
+        """
+
+    # --- family hooks with defaults ------------------------------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules that never train (VAE, text encoders)."""
         return [self.vae]
 
-    # --- shared ------------------------------------------------------------------------------
+    def encode_negative_prompt(self, batch_size: int) -> Conditioning:
+        """The unconditional conditioning of CFG, `batch_size` rows (as the pipeline computes it)."""
+        return self.encode_prompt([self.negative_prompt]).select([0] * batch_size)
+
+    def guide(self, velocity: torch.Tensor, negative_velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Combine conditional and unconditional velocities `[B, C, h, w]`: true CFG `v_neg + g (v - v_neg)`."""
+        return negative_velocity + guidance_scale * (velocity - negative_velocity)
+
+    def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The `[N + 1]` sigmas the family's pipeline denoises through at `height x width` pixels (float32, ending
+        at 0). Default: the FLUX.1 / Ovis-Image convention, `linspace(1, 1/N, N)` shifted by
+        `calculate_shift(image_seq_len)` under dynamic shifting; computed by the scheduler's own `set_timesteps`."""
+        return flux_style_sigmas(num_steps, self.image_seq_len(height, width), self.scheduler_config)
+
+    def _vae_scale_factor(self) -> int:
+        """Pixels per cell of the policy's latents."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def num_latent_channels(self) -> int:
+        """Channels `C` of the policy's latents."""
+        return self.vae.config.latent_channels
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, C, h, w]` -> images `[B, 3, H, W]`, float32 in [0, 1] (an `AutoencoderKL` by default)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = latents.to(vae_dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor | list[PIL.Image.Image],
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images -> latents `[B, C, h, w]` (float32), for DPO and fine-tuning.
+
+        Args:
+            images (`torch.Tensor` of shape `[B, 3, H, W]` in [0, 1], or a list of PIL images of one size).
+            generator (`torch.Generator`, *optional*): draws from the latent distribution when given;
+                otherwise its mode is used (deterministic).
+        """
+        dist = self.vae.encode(self._vae_input(images)).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.mode()
+        return (latents.float() - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+
+    def _vae_input(self, images: torch.Tensor | list[PIL.Image.Image]) -> torch.Tensor:
+        """Images in [0, 1] -> the VAE's input in [-1, 1], on its device and dtype."""
+        if not isinstance(images, torch.Tensor):
+            images = pil_to_tensor(images)
+        vae_dtype = next(self.vae.parameters()).dtype
+        return (images * 2 - 1).to(self.device, vae_dtype)
+
+    # --- shared --------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -121,10 +315,6 @@ class FlowPolicy(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
-
-    @property
-    def num_latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlowPolicy:
         for module in [self.transformer, *self.frozen_modules()]:
@@ -175,8 +365,10 @@ class FlowPolicy(ABC):
         *,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """Velocity `eps - x0` at (`latents`, `sigma`), with true classifier-free guidance when
-        `negative_cond` is given and `guidance_scale > 1` (`v_neg + g (v - v_neg)`).
+        """Velocity `eps - x0` at (`latents`, `sigma`), with classifier-free guidance ([`guide`]) when
+        `negative_cond` is given and `guidance_scale > 1`. With `batched_cfg` the conditional and unconditional rows
+        go through one transformer call of `2B` rows; a sampler and a trainer that both call this method with the
+        same batch size compute bit-identical velocities either way.
 
         Args:
             latents (`torch.Tensor` of shape `[B, C, h, w]`).
@@ -190,65 +382,103 @@ class FlowPolicy(ABC):
         Returns:
             `torch.Tensor` of shape `[B, C, h, w]` in the transformer's dtype.
         """
-        b, _, h, w = latents.shape
-        sigma = torch.as_tensor(sigma, device=latents.device, dtype=self.dtype).expand(b)
+        b = latents.shape[0]
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         transformer = self.transformer if transformer is None else transformer
-        tokens = pack_latents(latents.to(self.dtype))
-        velocity = self._transformer_forward(transformer, tokens, sigma, cond, h, w)
-        if negative_cond is not None and guidance_scale > 1:
-            negative = self._transformer_forward(transformer, tokens, sigma, negative_cond, h, w)
-            velocity = negative + guidance_scale * (velocity - negative)
-        return unpack_latents(velocity, h, w)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, h, w]` -> images `[B, 3, H, W]`, float32 in [0, 1]."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        latents = latents.to(vae_dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor | list[PIL.Image.Image],
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images -> latents `[B, C, h, w]` (float32), for DPO and fine-tuning.
-
-        Args:
-            images (`torch.Tensor` of shape `[B, 3, H, W]` in [0, 1], or a list of PIL images of one size).
-            generator (`torch.Generator`, *optional*): draws from the latent distribution when given;
-                otherwise its mode is used (deterministic).
-        """
-        if not isinstance(images, torch.Tensor):
-            images = pil_to_tensor(images)
-        vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode((images * 2 - 1).to(self.device, vae_dtype)).latent_dist
-        latents = dist.sample(generator) if generator is not None else dist.mode()
-        return ((latents.float() - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor)
+        latents = latents.to(self.dtype)
+        if negative_cond is None or guidance_scale <= 1:
+            return self.forward(transformer, latents, sigma, cond)
+        if self.batched_cfg and cond.layout() == negative_cond.layout():
+            both = self.forward(transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]),
+                                Conditioning.cat([cond, negative_cond]))
+            velocity, negative = both[:b], both[b:]
+        else:
+            velocity = self.forward(transformer, latents, sigma, cond)
+            negative = self.forward(transformer, latents, sigma, negative_cond)
+        return self.guide(velocity, negative, guidance_scale)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The transformer's parameters that require grad (LoRA adapters only, after peft)."""
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> FlowPolicy:
-        """Wrap a diffusers pipeline: `OvisImagePipeline` or `FluxPipeline`."""
-        from diffusers import FluxPipeline, OvisImagePipeline
+    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> FlowPolicy:
+        """Wrap a diffusers pipeline.
 
-        from .policies import FluxPolicy, OvisImagePolicy
+        On `FlowPolicy` itself, the adapter registered for the pipeline's class (or a base class of it) is used; see
+        [`register_family`]. On an adapter class, the adapter is built from the pipeline's components, passed to its
+        `__init__` by their diffusers names (`transformer`, `vae`, `scheduler`, `text_encoder`, `tokenizer`, ...).
 
-        if isinstance(pipe, OvisImagePipeline):
-            policy = OvisImagePolicy(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                                     pipe.scheduler.config, **kwargs)
-        elif isinstance(pipe, FluxPipeline):
-            policy = FluxPolicy(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                                pipe.text_encoder_2, pipe.tokenizer_2, pipe.scheduler.config, **kwargs)
-        else:
-            raise TypeError(
-                f"no FlowPolicy adapter for {type(pipe).__name__}; supported: OvisImagePipeline, FluxPipeline. "
-                "Subclass FlowPolicy (encode_prompt and _transformer_forward) for another family."
-            )
+        Args:
+            pipe (`diffusers.DiffusionPipeline`).
+            kwargs: options of the adapter (`max_sequence_length`, `negative_prompt`, ...).
+        """
+        if cls is FlowPolicy:
+            policy_class = policy_class_for(pipe)
+            if policy_class is None:
+                raise _no_adapter_error(pipe)
+            return policy_class.from_pipeline(pipe, **kwargs)
+        parameters = inspect.signature(cls.__init__).parameters
+        components = {name: module for name, module in pipe.components.items() if name in parameters}
+        policy = cls(**components, **kwargs)
         policy.base_model_name_or_path = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
         return policy
+
+
+# --- the registry --------------------------------------------------------------------------------------------
+
+# pipeline class (or its name) -> adapter class (or "module:Class", imported on first use)
+_FAMILIES: dict[type | str, type[FlowPolicy] | str] = dict(BUILTIN_FAMILIES)
+
+
+def register_family(pipeline_class: type | str, policy_class: type[FlowPolicy] | str) -> None:
+    """Make `FlowPolicy.from_pipeline` (and so every trainer) wrap pipelines of `pipeline_class` (and its
+    subclasses) with `policy_class`, an adapter built from the pipeline's components (see
+    [`FlowPolicy.from_pipeline`]). A later registration of the same class replaces the earlier one.
+
+    Args:
+        pipeline_class (`type` or `str`): a diffusers pipeline class, or its class name.
+        policy_class (`type[FlowPolicy]` or `str`): the adapter, or `"module:ClassName"` to import it lazily.
+    """
+    if isinstance(policy_class, type) and not issubclass(policy_class, FlowPolicy):
+        raise TypeError(f"{policy_class.__name__} is not a FlowPolicy subclass")
+    _FAMILIES[pipeline_class] = policy_class
+
+
+def registered_families() -> dict[str, str]:
+    """Pipeline class name -> adapter name, for every registered family."""
+    def name(x):
+        return x if isinstance(x, str) else x.__name__
+    return {name(k): name(v).rpartition(":")[2] for k, v in _FAMILIES.items()}
+
+
+def policy_class_for(pipe: Any) -> type[FlowPolicy] | None:
+    """The adapter registered for `pipe`'s class or the nearest base class of it; `None` if there is none."""
+    for klass in type(pipe).__mro__:
+        entry = _FAMILIES.get(klass, _FAMILIES.get(klass.__name__))
+        if entry is None:
+            continue
+        if isinstance(entry, str):
+            module, _, name = entry.partition(":")
+            entry = getattr(importlib.import_module(module), name)
+        return entry
+    return None
+
+
+def _no_adapter_error(pipe: Any) -> Exception:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    name = type(pipe).__name__
+    components = pipe.components if hasattr(pipe, "components") else {}
+    scheduler = components.get("scheduler")
+    if "unet" in components or (scheduler is not None and not isinstance(scheduler, FlowMatchEulerDiscreteScheduler)):
+        denoiser = components.get("unet", components.get("transformer"))
+        return TypeError(f"{name} is not a flow-matching model/scheduler (denoiser {type(denoiser).__name__}, "
+                         f"scheduler {type(scheduler).__name__}): rlhf-image trains flow-matching (rectified-flow) "
+                         "text-to-image models")
+    return TypeError(f"no FlowPolicy adapter for {name}; registered: {', '.join(sorted(registered_families()))}. "
+                     f"Write one (a FlowPolicy subclass with encode_prompt and forward) and register it with "
+                     f"rlhf_image.register_family({name}, YourPolicy): see docs/train_your_model.md")
 
 
 def pil_to_tensor(images: list[PIL.Image.Image]) -> torch.Tensor:

@@ -142,7 +142,7 @@ class InProcessRolloutEngine:
         cond = self.policy.encode_prompt(distinct).select([distinct.index(p) for p in prompts])
         negative_cond = None
         if spec.guidance_scale > 1:
-            negative_cond = self.policy.encode_prompt([self.policy.negative_prompt]).select([0] * len(prompts))
+            negative_cond = self.policy.encode_negative_prompt(len(prompts))
         trajectory = generate(
             self.policy, prompts, seeds, height=spec.height, width=spec.width, num_steps=spec.num_steps,
             sde_type=spec.sde_type, noise_level=spec.noise_level, window=window,

@@ -15,7 +15,6 @@ import PIL.Image
 import torch
 
 from .policy import Conditioning, FlowPolicy, tensor_to_pil
-from .schedule import inference_sigmas
 from .sde import STEP_FUNCTIONS, ode_step
 
 
@@ -147,8 +146,8 @@ def generate(
     if cond is None:
         cond = policy.encode_prompt(prompts)
     if use_cfg and negative_cond is None:
-        negative_cond = policy.encode_prompt([policy.negative_prompt] * len(prompts))
-    sigmas = inference_sigmas(num_steps, policy.image_seq_len(height, width), policy.scheduler_config)
+        negative_cond = policy.encode_negative_prompt(len(prompts))
+    sigmas = policy.inference_sigmas(num_steps, height, width)
     step_fn = STEP_FUNCTIONS.get(sde_type)
 
     chunks = []

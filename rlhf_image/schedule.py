@@ -9,7 +9,7 @@ weightings (`training_utils.compute_loss_weighting_for_sd3`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,33 @@ def time_shift(sigmas: np.ndarray | torch.Tensor, mu: float, kind: str = "expone
     return scale / (scale + (1 / sigmas - 1))
 
 
-def inference_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
-    """The sigmas a diffusers flow-matching pipeline (Ovis-Image, FLUX, SD3) denoises through.
+def scheduler_sigmas(
+    scheduler_config: Mapping[str, Any],
+    num_steps: int,
+    *,
+    sigmas: Sequence[float] | np.ndarray | None = None,
+    mu: float | None = None,
+) -> torch.Tensor:
+    """The sigmas `FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)` gives: the
+    schedule a pipeline denoises through when it makes that call. Computed by the scheduler itself, so every
+    option its config holds (static or dynamic shift of either `time_shift_type`, `shift_terminal`, Karras,
+    exponential or beta sigmas) is honoured exactly.
 
-    Mirrors `pipeline(...)` + `FlowMatchEulerDiscreteScheduler.set_timesteps`: `linspace(1, 1/N, N)`,
-    shifted by `calculate_shift(image_seq_len)` when the scheduler uses dynamic shifting, else by its
-    static `shift`, in float32, with a terminal 0 appended.
+    Returns:
+        `torch.Tensor` of shape `[N + 1]`, float32, with the terminal sigma appended.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(num_steps, sigmas=None if sigmas is None else list(sigmas), mu=mu)
+    return scheduler.sigmas.to(torch.float32).cpu()
+
+
+def inference_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """The sigmas of the FLUX.1 / Ovis-Image pipelines (and most flow-matching pipelines since): they pass
+    `sigmas=linspace(1, 1/N, N)` and `mu=calculate_shift(image_seq_len)` (read from the scheduler config) to
+    `set_timesteps`; the scheduler applies `mu` under dynamic shifting and its static `shift` otherwise.
 
     Args:
         num_steps (`int`): number of denoising steps `N`.
@@ -42,28 +63,14 @@ def inference_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mappi
     Returns:
         `torch.Tensor` of shape `[N + 1]`, float32, from (nearly) 1 down to 0.
     """
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                               "shift_terminal", "use_flow_sigmas") if scheduler_config.get(k)]
-    if unsupported:
-        raise ValueError(
-            f"scheduler options {unsupported} are not supported by rlhf_image's sampler; "
-            "use a FlowMatchEulerDiscreteScheduler config without them."
-        )
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    if scheduler_config.get("use_dynamic_shifting", False):
-        mu = calculate_shift(
-            image_seq_len,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
-        )
-        sigmas = time_shift(sigmas, mu, scheduler_config.get("time_shift_type", "exponential"))
-    else:
-        shift = scheduler_config.get("shift", 1.0)
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
-    return torch.cat([sigmas, torch.zeros(1)])
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+    return scheduler_sigmas(scheduler_config, num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
 
 def sample_training_sigmas(

@@ -23,6 +23,9 @@ trainer's policy, so the trainer's checkpoints stay as they were.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -202,6 +205,7 @@ class RayRolloutEngine:
         self._load_refs: list = []
         self._group: WeightGroup | None = None
         self._group_count = 0
+        self._rendezvous_dir: str | None = None  # the store files of groups whose members share this node
         self._pending: dict[int, _Rollout] = {}
         self._next_id = 0
         self.num_failures = 0  # worker deaths so far
@@ -287,6 +291,8 @@ class RayRolloutEngine:
         if self._group is not None:
             self._group.close()
             self._group = None
+        if self._rendezvous_dir is not None:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
         if ray.is_initialized():
             for slot in self.workers + self.reward_workers:
                 ray.kill(slot.actor, no_restart=True)
@@ -502,21 +508,31 @@ class RayRolloutEngine:
 
     def _build_group(self) -> None:
         """Rendezvous of the trainer (rank 0) and the workers; the trainer's side is built in a thread so that
-        a worker failing to join raises here at once instead of after the rendezvous timeout."""
+        a worker failing to join raises here at once instead of after the rendezvous timeout. Workers all on the
+        trainer's node meet it through a file (no socket, no name lookup), others through its TCP store."""
         import ray
 
         addr = ray.util.get_node_ip_address()  # the trainer's node as the workers reach it (127.0.0.1 locally)
-        fd, port = listening_socket(addr)
         self._group_count += 1
         name = f"rlhf_image_weights_{self._group_count}"
         world = len(self.workers) + 1
-        joins = [slot.actor.join_group.remote(self.collective_backend, addr, port, rank, world, name, self.timeout_s)
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([slot.actor.node_id.remote() for slot in self.workers], timeout=self.timeout_s)
+        fd = None
+        if all(node == here for node in nodes):
+            if self._rendezvous_dir is None:
+                self._rendezvous_dir = tempfile.mkdtemp(prefix="rlhf_image_weights_")
+            init_method = f"file://{os.path.join(self._rendezvous_dir, name)}"
+        else:
+            fd, port = listening_socket(addr)
+            init_method = f"tcp://{f'[{addr}]' if ':' in addr else addr}:{port}"
+        joins = [slot.actor.join_group.remote(self.collective_backend, init_method, rank, world, name, self.timeout_s)
                  for rank, slot in enumerate(self.workers, start=1)]
         built: dict[str, Any] = {}
 
         def build() -> None:
             try:
-                built["group"] = WeightGroup(self.collective_backend, addr, port, 0, world, addr, name,
+                built["group"] = WeightGroup(self.collective_backend, init_method, 0, world, addr, name,
                                              self.timeout_s, listen_fd=fd)
             except BaseException as error:  # re-raised in the caller's thread
                 built["error"] = error

@@ -132,15 +132,22 @@ class RolloutWorker:
         self.version = version
         return plan.total_bytes
 
-    def join_group(self, backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
-                   name: str, timeout_s: float) -> None:
-        """Join the trainer's process group as `rank` (replacing any previous group); this member's gloo
-        device binds to the address Ray knows its node by (127.0.0.1 on a local instance)."""
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (the engine meets its workers through a file when all share its node)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def join_group(self, backend: str, init_method: str, rank: int, world_size: int, name: str,
+                   timeout_s: float) -> None:
+        """Join the trainer's process group as `rank` (replacing any previous group) through `init_method`
+        (`file:///path` or `tcp://addr:port`); this member's gloo device binds to the address Ray knows its node
+        by (127.0.0.1 on a local instance)."""
         import ray
 
         self.leave_group()
         local_addr = ray.util.get_node_ip_address()
-        self.group = WeightGroup(backend, master_addr, master_port, rank, world_size, local_addr, name, timeout_s)
+        self.group = WeightGroup(backend, init_method, rank, world_size, local_addr, name, timeout_s)
 
     def leave_group(self) -> None:
         if self.group is not None:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,35 @@ def test_usage_lists_every_command(capsys):
         assert f"  {command} " in out
     assert main(["distill"]) == 2
     assert "unknown command 'distill'" in capsys.readouterr().err
+
+
+def test_stage_help_opens_with_config_and_the_stage_options_and_answers_fast():
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "rlhf_image.recipes.cli", "grpo", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert seconds < 5, f"rlhf-image grpo --help took {seconds:.1f} s"
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("usage: rlhf-image grpo --config") and lines[2].startswith("  --config CONFIG")
+    for flag in ("--model ", "--reward_funcs ", "--lora_rank ", "--num_generations ", "--beta ",
+                 "--num_rollout_workers "):
+        assert any(line.startswith(f"  {flag}") for line in lines), flag
+    assert "--adam_beta1" not in result.stdout and len(lines) < 250  # TrainingArguments' fields: --help-all
+    assert "--help-all" in lines[-1] or "--help-all" in result.stdout.splitlines()[-2]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_its_own_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: rlhf-image {command}") and out.count("\n  --") >= 2
+
+
+def test_help_all_lists_every_trainer_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", "--help-all"])
+    assert exit_info.value.code == 0 and "--adam_beta1" in capsys.readouterr().out
 
 
 def test_unknown_yaml_key_is_rejected_with_its_name(tmp_path, capsys):
@@ -184,3 +214,57 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
         assert re.search(rf"^\| {stage} \| 2 \|", markdown, re.MULTILINE), stage
     for plot in ("vae_loss", "pretrain_loss", "sft_loss", "dpo_loss", "grpo_reward", "ocr_by_stage"):
         assert (report / "plots" / f"{plot}.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def sd35_folder(tmp_path_factory) -> Path:
+    """A tiny SD3.5 pipeline saved as a diffusers folder (model_index.json names StableDiffusion3Pipeline)."""
+    from tiny_models import tiny_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("families") / "sd35"
+    tiny_sd3_pipeline(version="3.5").save_pretrained(folder)
+    return folder
+
+
+def test_model_takes_a_folder_of_any_built_in_family(sd35_folder, tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+    from PIL import Image
+
+    from rlhf_image.policy import FlowPolicy
+    from rlhf_image.sampling import generate
+
+    model = ["--model", str(sd35_folder), "--max_sequence_length", "16"]
+    prompts = ["a red cube", "a blue ball"]
+    run_command("sample", [*model, "--prompts", *prompts, "--height", "32", "--width", "32", "--num_inference_steps",
+                           "3", "--guidance_scale", "3", "--output_dir", str(tmp_path / "samples")])
+    policy = FlowPolicy.from_pipeline(DiffusionPipeline.from_pretrained(sd35_folder), max_sequence_length=16)
+    expected = generate(policy, prompts, [0, 1], height=32, width=32, num_steps=3, guidance_scale=3.0).pil_images()
+    for i, image in enumerate(expected):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "samples" / f"sample_{i:03d}.png")), np.asarray(image))
+
+    common = [*model, "--max_steps", "1", "--save_steps", "1", "--report_to", "none"]
+    run_command("grpo", ["--config", "tiny_grpo.yaml", *common, "--height", "32", "--width", "32",
+                         "--num_generations", "2", "--per_device_train_batch_size", "2",
+                         "--gradient_accumulation_steps", "1", "--num_inference_steps", "2", "--sde_window_range",
+                         "0", "2", "--lora_rank", "4", "--log_samples_steps", "0", "--output_dir", str(tmp_path / "g")])
+    assert (tmp_path / "g" / "pytorch_lora_weights.safetensors").is_file()
+    run_command("sft", ["--config", "tiny_sft.yaml", *common, "--synthetic_height", "32", "--synthetic_width", "32",
+                        "--buckets", "32x32", "--per_device_train_batch_size", "2", "--use_ema", "false",
+                        "--lr_scheduler_type", "constant",
+                        "--output_dir", str(tmp_path / "s")])
+    trained = DiffusionPipeline.from_pretrained(tmp_path / "s")  # a complete folder of the same family
+    assert isinstance(trained, StableDiffusion3Pipeline)
+    before = dict(policy.transformer.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in trained.transformer.named_parameters())
+
+
+def test_model_refuses_a_folder_of_a_family_that_is_not_built_in(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(ValueError, match="DDPMPipeline, which is not a built-in family; .*StableDiffusion3Pipeline"):
+        run_command("sample", ["--model", str(tmp_path / "ddpm"), "--prompts", "x", "--output_dir", str(tmp_path)])

@@ -176,3 +176,117 @@ def test_bucket_batch_sampler():
             assert batch == global_batches[(j * 3 + r) % len(global_batches)]
     dropped = BucketBatchSampler(buckets, 4, seed=1, drop_last=True, num_replicas=2, rank=0)
     assert all(len(b) == 4 for b in dropped)
+
+
+# --- damaged captions, sidecars, shards and manifests ----------------------------------------------------------------
+
+def _tar(path, members):
+    """Write `members` (name -> bytes) as a plain tar shard; returns its bytes."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_tar_samples_with_unreadable_captions_are_skipped_and_counted_like_unreadable_images(tmp_path, caplog):
+    """A `.json` sidecar that is not JSON or not an object, or a `.txt` that is not UTF-8, makes its sample
+    unreadable: the dataset still loads, `dataset[i]` is None, the bucket scan gets None, `num_skipped` counts each
+    once, and the warning names the shard and the member. The other samples load exactly."""
+    good, _ = _png((16, 16), 0)
+    _tar(tmp_path / "000000.tar", {
+        "ok.png": good, "ok.json": json.dumps({"caption": "fine", "width": 16}).encode(),
+        "badjson.png": good, "badjson.json": b'{"caption": "unterminated',
+        "listjson.png": good, "listjson.json": b'["caption"]',
+        "latin1.png": good, "latin1.txt": "caf\xe9".encode("latin-1"),
+        "badutf8json.png": good, "badutf8json.json": '{"caption": "caf\xe9"}'.encode("latin-1"),
+    })
+    dataset = TarShardDataset(str(tmp_path / "*.tar"))
+    assert len(dataset) == 5
+    keys = [dataset._key(i) for i in range(len(dataset))]
+    assert keys == [f"000000.tar:{k}" for k in ("ok", "badjson", "listjson", "latin1", "badutf8json")]
+    item = dataset[0]
+    assert item["prompt"] == "fine" and item["width"] == 16 and item["key"] == "000000.tar:ok"
+    with caplog.at_level("WARNING", logger="rlhf_image.data"):
+        assert [dataset[i] for i in range(1, 5)] == [None] * 4
+        assert [dataset.image_size(i) for i in range(1, 5)] == [None] * 4  # the bucket scan skips them too
+    assert dataset.num_skipped == 4
+    assert [it["key"] for it in dataset] == ["000000.tar:ok"] and dataset.num_skipped == 4
+    for member in ("badjson.json", "listjson.json", "latin1.txt", "badutf8json.json"):
+        assert f"000000.tar:{member}" in caplog.text, member
+    assert "not JSON" in caplog.text and "not a JSON object" in caplog.text and "not UTF-8" in caplog.text
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut(tmp_path, caplog):
+    """Shards cut in a member's data, in a header, at a header boundary, or not tar at all: every complete sample
+    before the cut loads, a sample cut in the middle is unreadable (counted), the damaged shards are listed and
+    named in a warning, and the intact shard loads whole."""
+    names = [f"s{i}" for i in range(4)]
+    members = {}
+    for i, name in enumerate(names):
+        members[f"{name}.png"], _ = _png((16, 16), i)
+        members[f"{name}.txt"] = f"caption {i}".encode()
+    whole = _tar(tmp_path / "000000.tar", members)
+    with tarfile.open(tmp_path / "000000.tar") as tar:
+        offsets = {m.name: (m.offset, m.offset_data, m.size) for m in tar}
+    s2_txt = offsets["s2.txt"]
+    cuts = {"001_in_data.tar": s2_txt[1] + 2,              # in s2's caption: s0, s1 load, s2 is unreadable
+            "002_in_header.tar": offsets["s2.png"][0] + 100,   # in s2's image header: s0, s1 load
+            "003_at_boundary.tar": offsets["s2.png"][0],       # at a header boundary: s0, s1 load
+            "004_not_tar.tar": whole[:100]}
+    for name, cut in cuts.items():
+        (tmp_path / name).write_bytes(whole[:cut] if isinstance(cut, int) else cut)
+    with caplog.at_level("WARNING", logger="rlhf_image.data"):
+        dataset = TarShardDataset(str(tmp_path / "*.tar"))
+    assert sorted(dataset.damaged_shards) == sorted(str(tmp_path / n) for n in cuts)
+    for name in cuts:
+        assert name in caplog.text
+    loaded = {dataset._key(i): dataset[i] for i in range(len(dataset))}
+    assert [k for k, v in loaded.items() if v is None] == ["001_in_data.tar:s2"]
+    assert dataset.num_skipped == 1
+    expected = {f"000000.tar:{n}" for n in names} | {f"00{k}_{w}.tar:s{i}" for k, w in
+                                                     ((1, "in_data"), (2, "in_header"), (3, "at_boundary"))
+                                                     for i in range(2)}
+    assert {k for k, v in loaded.items() if v is not None} == expected
+    for key in expected:
+        assert loaded[key]["prompt"] == f"caption {key[-1]}"
+    with pytest.raises(ValueError, match="no image-caption sample.*004_not_tar.tar: not a tar file"):
+        TarShardDataset([str(tmp_path / "004_not_tar.tar")])
+
+
+def test_compressed_tar_shards_are_refused_by_name(tmp_path):
+    """Members are read by offset in the file, so a compressed shard would make every image unreadable."""
+    data, _ = _png((16, 16), 0)
+    with tarfile.open(tmp_path / "000000.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"000000.tar.gz is gzip-compressed.*decompress"):
+        TarShardDataset(str(tmp_path / "*.tar.gz"))
+
+
+def test_a_folder_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path, caplog):
+    for name, caption in (("a", "a red square".encode()), ("b", "caf\xe9".encode("latin-1"))):
+        (tmp_path / f"{name}.png").write_bytes(_png((16, 16), 0)[0])
+        (tmp_path / f"{name}.txt").write_bytes(caption)
+    dataset = ImageFolderDataset(str(tmp_path))
+    with caplog.at_level("WARNING", logger="rlhf_image.data"):
+        assert dataset[0]["prompt"] == "a red square" and dataset[1] is None
+    assert dataset.num_skipped == 1 and "b.png" in caplog.text and "not UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("fmt, content, message", [
+    ("jsonl", b'{"image": "a.png", "caption": "ok"}\n{"image": "b.png", "caption": \n', r"m.jsonl line 2: not JSON"),
+    ("jsonl", b'{"image": "a.png", "caption": "ok"}\n["b.png", "x"]\n', r"m.jsonl line 2: a JSON list, not an object"),
+    ("jsonl", b'{"image": "a.png", "caption": "caf\xe9"}\n', r"m.jsonl line 1: not UTF-8"),
+    ("csv", b'image,caption\na.png,ok\nb.png,caf\xe9\n', r"m.csv line 3: not UTF-8"),
+    ("csv", b'image,caption\na.png,"ok\n', r"m.csv line 2: not CSV \(unexpected end of data"),
+])
+def test_a_damaged_manifest_fails_naming_the_file_and_line(tmp_path, fmt, content, message):
+    """The manifest is the dataset's index, and a row without its columns already fails at construction naming
+    the row: a row that cannot be parsed does too, instead of a bare JSONDecodeError/UnicodeDecodeError."""
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ManifestDataset(str(path))

@@ -239,17 +239,20 @@ def test_served_reward_command_line_as_documented(monkeypatch):
 def test_flow_policy_adapter_matches_the_stock_pipeline_and_its_lora_reloads(tmp_path):
     example = load_example("flow_policy_adapter.py")
     out = example.main(["--output_dir", str(tmp_path), "--max_steps", "2"])
-    assert out["difference"] < 1e-5  # the library's ODE sampler through the adapter == StableDiffusion3Pipeline
+    assert out["difference"] < 1e-5  # the library's sampler through the user's adapter == AuraFlowPipeline
     trainer = out["trainer"]
+    assert isinstance(trainer.policy, example.AuraFlowPolicy)  # the trainer wrapped the pipeline itself
     history = [e for e in trainer.state.log_history if "ratio/max" in e]
     assert len(history) == 2 and all(e["ratio/min"] == e["ratio/max"] == 1.0 for e in history)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     # The LoRA loaded by stock diffusers samples what the trained policy samples; the base model does not.
     trained = ode_samples(trainer.policy)
-    reloaded = ode_samples(example.SD3Policy(out["pipe"], max_sequence_length=16))
-    base = ode_samples(example.SD3Policy(example.tiny_sd3_pipeline(), max_sequence_length=16))
-    assert (reloaded - trained).abs().max() < 1e-5
-    assert (base - trained).abs().max() > 1e-3
+    reloaded = ode_samples(FlowPolicy.from_pipeline(out["pipe"]))
+    base = ode_samples(FlowPolicy.from_pipeline(example.tiny_auraflow_pipeline()))
+    reload_error, change = (reloaded - trained).abs().max(), (base - trained).abs().max()
+    # Two steps move the tiny AuraFlow little (its attention contributes little to the output), but the reloaded
+    # LoRA reproduces the trained policy far more closely than the base model does.
+    assert reload_error < 1e-6 and change > 10 * reload_error, (reload_error, change)
 
 
 def test_grpo_ovis_example_resumes_and_its_lora_reloads_in_diffusers(tmp_path):

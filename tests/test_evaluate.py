@@ -11,7 +11,7 @@ from rlhf_image.recipes.ovis_image.data import TextRenderingDataset, split_of
 from rlhf_image.recipes.ovis_image.evaluate import evaluate_text_rendering, held_out_prompts, score_text_images
 from rlhf_image.rewards import AestheticMLP, AestheticReward, CLIPScore, OCRReward
 from rlhf_image.rewards.text_match import extract_target
-from rlhf_image.policy import Conditioning, FlowPolicy, pack_latents, pil_to_tensor
+from rlhf_image.policy import Conditioning, FlowPolicy, pack_latents, pil_to_tensor, unpack_latents
 
 SIZE = (32, 96)
 
@@ -78,9 +78,10 @@ class PixelTargetPolicy(FlowPolicy):
         images = [self.renderer.render(t) if t else blank() for t in targets]
         return Conditioning(pack_latents(pil_to_tensor(images) * 2 - 1))
 
-    def _transformer_forward(self, tokens, sigma, cond, height, width):
+    def forward(self, transformer, latents, sigma, cond):
         self.calls += 1
-        return (tokens - cond.prompt_embeds) / sigma[:, None, None]
+        target = unpack_latents(cond.prompt_embeds, *latents.shape[2:])
+        return (latents - target) / sigma[:, None, None, None]
 
     def decode(self, latents):
         return (latents / 2 + 0.5).clamp(0, 1)

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhf_image.rewards.compose import RewardSet
-from rlhf_image.policies import OvisImagePolicy
+from rlhf_image.families import OvisImagePolicy
 from rlhf_image.policy import FlowPolicy
 from rlhf_image.rollout_engine import RolloutSpec
 from rlhf_image.sampling import generate, transition_log_prob
@@ -232,6 +232,8 @@ def test_lora_over_a_gloo_group_gives_ratio_one_and_recovers_from_kills(ray_sess
         policy = trainer_policy(lora=True, perturb=4)
         engine.bind(policy, [Brightness()], ["brightness"])
         engine.sync_weights(policy, 1)
+        # every member on this machine: they meet through a file, not a TCP store (which looks up names)
+        assert isinstance(engine._group.store, torch.distributed.FileStore)
         batch = engine.rollout(PROMPTS, SEEDS, COLUMNS, SPEC, WINDOW)
         assert_same(batch, *reference(policy))
         assert_ratio_one(policy, batch)

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image import GRPOTrainer
-from rlhf_image.policies import OvisImagePolicy
+from rlhf_image.families import OvisImagePolicy
 from rlhf_image.rollout import RayRolloutEngine, RolloutWorkerError
 from rlhf_image.rollout.cluster import init_ray
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rlhf_image.schedule import (calculate_shift, inference_sigmas, loss_weighting, sample_training_sigmas,
-                                 shift_training_sigmas, time_shift)
+                                 scheduler_sigmas, shift_training_sigmas, time_shift)
 
 DYNAMIC = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                max_image_seq_len=4096)
@@ -36,9 +36,26 @@ def test_calculate_shift_is_the_linear_formula():
             assert calculate_shift(seq_len, base, top, low, high) == seq_len * slope + (low - slope * base)
 
 
-def test_unsupported_scheduler_options_are_named():
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
-        inference_sigmas(4, 16, {"use_karras_sigmas": True})
+@pytest.mark.parametrize("option", [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
+                                    dict(shift_terminal=0.1), dict(time_shift_type="linear")])
+@pytest.mark.parametrize("base", [DYNAMIC, dict(shift=3.0)])
+def test_scheduler_options_are_computed_by_the_scheduler(base, option):
+    config = {**base, **option}
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    mu = calculate_shift(1024) if config.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
+    assert torch.equal(inference_sigmas(10, 1024, scheduler.config), scheduler.sigmas)
+    # and with no sigmas passed (SD3's pipeline), what set_timesteps(num_steps) gives
+    scheduler.set_timesteps(10, mu=mu)
+    assert torch.equal(scheduler_sigmas(scheduler.config, 10, mu=mu), scheduler.sigmas)
+
+
+def test_sd3_style_schedule_ends_where_the_scheduler_ends():
+    """With no sigmas passed, 10 steps at shift 3 end at 0.0089 (the scheduler's shifted sigma_min), not at
+    shift(1/10) = 0.25 as FLUX's linspace does."""
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    assert scheduler_sigmas(config, 10)[-2].item() == pytest.approx(0.0089, abs=1e-4)
+    assert inference_sigmas(10, 1024, config)[-2].item() == pytest.approx(0.25, abs=1e-6)
 
 
 def test_logit_normal_training_sigmas_follow_the_distribution():

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
-from rlhf_image.policies import OVIS_SYSTEM_PROMPT
+from rlhf_image.families.ovis_image import OVIS_SYSTEM_PROMPT
 from rlhf_image.sharded_init import without_zero3_init, zero3_enabled, zero3_init
 
 # The Qwen3 chat template, reduced to what the Ovis-Image pipeline uses (one user turn, no thinking).

@@ -69,7 +69,9 @@ def test_remote_ocr_reward_equals_local(ocr_rec, render):
 
 
 def test_health(server):
-    assert RemoteReward(server.url, token="s3cret").health() == {"status": "ok", "reward": "pixel_reward"}
+    limits = {"max_body_bytes": 256 << 20, "max_pixels": 4096 * 4096, "max_batch_pixels": 1 << 28}
+    assert RemoteReward(server.url, token="s3cret").health() == {"status": "ok", "reward": "pixel_reward",
+                                                                 "limits": limits}
 
 
 @pytest.mark.parametrize("on_failure", ["raise", "none"])
@@ -122,23 +124,48 @@ class FaultyServer:
     """A loopback server that answers POST /score with `modes[i]` on the i-th request (the last one repeats).
 
     Modes: "stall" (no answer until the test ends), "503", "500", "garbage" (not JSON),
-    "short" (one value too few), "ok" (one reward of 1.0 per prompt).
+    "short" (one value too few), "ok" (one reward of 1.0 per prompt), "redirect" (`redirect_status` to
+    `redirect_to`), "trickle" (a valid answer, one byte every 0.1 s). `authorizations` records the Authorization
+    headers received; a GET (where a 302 sends a client) gets one reward of 1.0.
     """
 
-    def __init__(self, *modes: str):
+    def __init__(self, *modes: str, redirect_to: str = "", redirect_status: int = 307):
         self.modes, self.requests, self.release = list(modes), 0, threading.Event()
+        self.redirect_to, self.redirect_status, self.authorizations = redirect_to, redirect_status, []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                outer.requests += 1
+                outer.authorizations.append(self.headers.get("Authorization"))
+                body = json.dumps({"rewards": [1.0]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_POST(self):
                 n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompts"])
                 mode = outer.modes[min(outer.requests, len(outer.modes) - 1)]
                 outer.requests += 1
+                outer.authorizations.append(self.headers.get("Authorization"))
                 if mode == "stall":
                     outer.release.wait(5.0)
+                    return
+                if mode in ("redirect", "trickle"):
+                    body = json.dumps({"rewards": [1.0] * n}).encode()
+                    self.send_response(outer.redirect_status if mode == "redirect" else 200)
+                    self.send_header("Content-Length", "0" if mode == "redirect" else str(len(body)))
+                    if mode == "redirect":
+                        self.send_header("Location", outer.redirect_to + "/score")
+                    self.end_headers()
+                    for byte in body if mode == "trickle" else b"":
+                        if outer.release.wait(0.1):
+                            return
+                        self.wfile.write(bytes([byte]))
                     return
                 status, body = {"503": (503, b'{"error": "busy"}'), "500": (500, b'{"error": "boom"}'),
                                 "garbage": (200, b"<html>oops"),
@@ -154,6 +181,14 @@ class FaultyServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> int:
+        """The number of requests received, once it reaches `n` (a request the client gave up on may still be
+        on its way through a busy machine) or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.requests < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.requests
 
     def __enter__(self):
         return self
@@ -174,8 +209,8 @@ def test_stalled_server_times_out_and_is_retried(on_failure):
                 remote(["x", "y"], images(2))
         else:
             assert remote(["x", "y"], images(2)) == [None, None]
-        assert remote.last_attempts == faulty.requests == 3
         assert time.perf_counter() - start < 2.0
+        assert remote.last_attempts == 3 and faulty.wait_for_requests(3) == 3
 
 
 def test_503_is_retried_until_success():
@@ -195,6 +230,62 @@ def test_500_and_malformed_responses_are_not_retried(mode, message):
         assert remote.last_attempts == faulty.requests == 1
         lenient = RemoteReward(faulty.url, token="t", max_retries=3, on_failure="none", **FAST)
         assert lenient(["x", "y"], images(2)) == [None, None] and faulty.requests == 2
+
+
+@pytest.mark.parametrize("on_failure", ["raise", "none"])
+@pytest.mark.parametrize("status", [302, 307])
+def test_redirects_are_refused_and_the_token_stays_home(status, on_failure):
+    with FaultyServer("ok") as elsewhere, \
+            FaultyServer("redirect", redirect_to=elsewhere.url, redirect_status=status) as faulty:
+        remote = RemoteReward(faulty.url, token="t", max_retries=3, on_failure=on_failure, **FAST)
+        with pytest.raises(RemoteRewardError, match=f"HTTP {status}, a redirect to .*/score.*not followed"):
+            remote(["x"], images(1))
+        assert faulty.authorizations == ["Bearer t"] and elsewhere.authorizations == [] and remote.last_attempts == 1
+
+
+def test_the_timeout_bounds_a_whole_attempt_not_each_read():
+    """A server trickling its (valid) answer one byte every 0.1 s would take seconds per attempt; each attempt
+    is cut at `timeout` in all."""
+    with FaultyServer("trickle") as faulty:
+        remote = RemoteReward(faulty.url, token="t", timeout=0.5, max_retries=1, backoff=0.01)
+        start = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match="gave up after 2 attempts.*timed out.*within 0.5 s"):
+            remote(["x", "y"], images(2))
+        assert time.perf_counter() - start < 2.5  # 2 x 0.5 s; the answer alone would take 2 x 2.5 s
+        assert faulty.wait_for_requests(2) == 2
+
+
+def test_a_batch_over_the_servers_body_limit_is_split_to_fit():
+    calls = []
+
+    def counting_pixels(prompts, images, **columns):
+        calls.append(len(images))
+        return pixel_reward(prompts, images, **columns)
+
+    prompts, imgs = ["x"] * 8, images(8)
+    one = len(json.dumps({"prompts": ["x"], "images": [encode_image(imgs[0])], "columns": {}}))
+    with serve_reward(counting_pixels, token="t", max_body_bytes=3 * one) as srv:  # about 2 samples per request
+        remote = RemoteReward(srv.url, token="t", on_failure="none", **FAST)
+        assert remote(prompts, imgs) == pytest.approx(pixel_reward(prompts, imgs))
+        assert sum(calls) == 8 and max(calls) <= 2 and remote.limits["max_body_bytes"] == 3 * one
+        first_attempts = remote.last_attempts
+        calls.clear()
+        assert remote(prompts, imgs) == pytest.approx(pixel_reward(prompts, imgs))
+        assert remote.last_attempts == len(calls) < first_attempts  # split up front: no 413 this time
+        big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        with pytest.raises(RemoteRewardError, match=r"sample 1 alone is [\d,]+ bytes, over the server's "
+                                                    r"max_body_bytes of [\d,]+ \(HTTP 413\)"):
+            remote(["x", "x"], [imgs[0], big])  # raised even with on_failure="none": no retry can fix it
+
+
+def test_a_batch_over_the_servers_pixel_budget_is_split_to_fit():
+    with serve_reward(pixel_reward, token="t", max_pixels=16 * 16, max_batch_pixels=3 * 16 * 16) as srv:
+        remote = RemoteReward(srv.url, token="t", **FAST)
+        imgs = [Image.new("RGB", (16, 16), (i, i, i)) for i in range(7)]
+        assert remote(["x"] * 7, imgs) == [float(i) for i in range(7)]
+        assert remote.limits["max_batch_pixels"] == 768
+        with pytest.raises(RemoteRewardError, match="HTTP 400.*bad image 0: 17x16.*max_pixels of 256"):
+            remote(["x"], [Image.new("RGB", (17, 16))])
 
 
 def test_connection_refused_is_retried():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from rlhf_image.recipes.ovis_image.data import VOCABULARIES
@@ -21,19 +22,28 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 TRANSFORMER_INITS = ("pretrained", "random")
 
 
+def is_hub_id(name: str) -> bool:
+    """`owner/name` whose first part is not a local folder (a missing stage folder such as `outputs/sft` is not
+    taken for a Hub id)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not os.path.isdir(name.split("/")[0])
+
+
 @dataclass
 class ModelArguments:
     """Which model a stage starts from.
 
     `model` is `"tiny"` (the CPU-size Ovis-Image, built from the `tiny_*` fields), `"7b"` (the full
-    Ovis-Image, each part from `hub_id` unless overridden) or the output folder of a previous stage (the
-    stages chain through these folders: sft starts from pretrain's, dpo from sft's, grpo from dpo's).
+    Ovis-Image, each part from `hub_id` unless overridden), the output folder of a previous stage (the
+    stages chain through these folders: sft starts from pretrain's, dpo from sft's, grpo from dpo's), or any
+    diffusers pipeline folder or Hub id of a built-in family (FLUX.1, SD3, Qwen-Image, ...: its
+    `model_index.json` names the pipeline class).
     """
 
     model: str = field(
         default="tiny",
-        metadata={"help": "'tiny', '7b', or the output folder of a previous stage (a diffusers pipeline folder, or "
-                          "a LoRA folder written by a stage, whose base it names)."})
+        metadata={"help": "'tiny', '7b', the output folder of a previous stage (a diffusers pipeline folder, or a "
+                          "LoRA folder written by a stage, whose base it names), or a diffusers folder or Hub id of "
+                          "any built-in family (found from its model_index.json)."})
     transformer_init: str = field(
         default="pretrained",
         metadata={"help": "'random' re-initialises the MMDiT with the architecture of `model` (pretraining from "
@@ -55,7 +65,8 @@ class ModelArguments:
                           "torch_dtype 'float32' keeps fp32 master weights for the trained transformer only and "
                           "halves the frozen parts' memory (4.9 GiB less per GPU at 7B)."})
     max_sequence_length: int = field(
-        default=256, metadata={"help": "Text tokens after the 28-token chat prefix (Ovis-Image: 256)."})
+        default=256, metadata={"help": "Text tokens the model sees (Ovis-Image: 256 after its 28-token chat prefix; "
+                                       "other families: their pipeline's max_sequence_length)."})
     model_seed: int = field(default=0, metadata={"help": "Seed of random initialisations (tiny model, 'random')."})
     # The tiny model; the defaults are the sizes of `rlhf_image.recipes.ovis_image.model.ovis_image_tiny_text` (measured).
     tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny MMDiT width."})
@@ -74,9 +85,9 @@ class ModelArguments:
     tiny_text_layers: int = field(default=2, metadata={"help": "Tiny Qwen3 layers."})
 
     def __post_init__(self):
-        if self.model not in ("tiny", "7b") and not os.path.isdir(self.model):
-            raise ValueError(f"model={self.model!r} is neither 'tiny', '7b' nor an existing folder; run the "
-                             "previous stage first (its output_dir is this stage's model) or fix the path")
+        if self.model not in ("tiny", "7b") and not os.path.isdir(self.model) and not is_hub_id(self.model):
+            raise ValueError(f"model={self.model!r} is neither 'tiny', '7b', an existing folder nor a Hub id; run "
+                             "the previous stage first (its output_dir is this stage's model) or fix the path")
         if self.transformer_init not in TRANSFORMER_INITS:
             raise ValueError(f"transformer_init={self.transformer_init!r}; use one of {list(TRANSFORMER_INITS)}")
         if self.torch_dtype not in TORCH_DTYPES:

@@ -1,9 +1,10 @@
 """What every stage does the same way: load the model a stage starts from, save what it ends with, resume,
 print the launch banner, and record the stage in its output folder.
 
-Stage output folders chain the stages. A full-weights stage writes a complete diffusers pipeline folder
-(`transformer/` from the trainer's `save_model`, plus the frozen `vae/`, `text_encoder/`, `tokenizer/`,
-`scheduler/` and `model_index.json`), which stock `OvisImagePipeline.from_pretrained` loads. A LoRA stage
+A stage starts from the tiny or 7B Ovis-Image, or from a diffusers pipeline folder or Hub id of any built-in family
+(its `model_index.json` names the pipeline class). Stage output folders chain the stages. A full-weights stage writes
+a complete diffusers pipeline folder (`transformer/` from the trainer's `save_model`, plus the frozen components and
+`model_index.json`), which stock `DiffusionPipeline.from_pretrained` loads. A LoRA stage
 writes the adapter (`pytorch_lora_weights.safetensors`) and names its base folder in `rlhf_stage.json`;
 [`load_stage_output`] loads the base and fuses the adapter, so the next stage starts from the merged model.
 """
@@ -18,23 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, OvisImagePipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf_image.recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
 from rlhf_image.model_io import is_lora, load_lora
-from rlhf_image.policy import FlowPolicy
+from rlhf_image.policy import FlowPolicy, registered_families
 from rlhf_image.sharded_init import without_zero3_init, zero3_init
 
-from .args import ModelArguments, RecipeArguments
+from .args import ModelArguments, RecipeArguments, is_hub_id
 
 logger = logging.getLogger(__name__)
 
 STAGE_RECORD = "rlhf_stage.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The frozen parts a full-weights stage writes beside the trainer's `transformer/` (the pipeline's components).
-FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -54,18 +53,19 @@ class StageResult:
 
 # --- loading -----------------------------------------------------------------------------------------
 
-def load_pipeline(args: ModelArguments) -> OvisImagePipeline:
-    """The Ovis-Image pipeline a stage starts from (see [`ModelArguments`]), in `args.torch_dtype`, with the
+def load_pipeline(args: ModelArguments) -> DiffusionPipeline:
+    """The pipeline a stage starts from (see [`ModelArguments`]), in `args.torch_dtype`, with the
     frozen text encoder and VAE in `args.frozen_dtype` when it is set."""
     pipe = _load_pipeline(args)
     if args.frozen_dtype is not None:
         frozen = DTYPES[args.frozen_dtype]
-        pipe.text_encoder.to(dtype=frozen)
-        pipe.vae.to(dtype=frozen)
+        for name, component in pipe.components.items():
+            if name != "transformer" and isinstance(component, torch.nn.Module):
+                component.to(dtype=frozen)
     return pipe
 
 
-def _load_pipeline(args: ModelArguments) -> OvisImagePipeline:
+def _load_pipeline(args: ModelArguments) -> DiffusionPipeline:
     dtype = DTYPES[args.torch_dtype]
     if args.model == "tiny":
         vae = _load_vae(args.vae_path, torch.float32) if args.vae_path else None
@@ -78,7 +78,7 @@ def _load_pipeline(args: ModelArguments) -> OvisImagePipeline:
             vae_mid_block_attention=args.tiny_vae_mid_block_attention, tokenizer=ovis_prefix_tokenizer(),
             seed=args.model_seed)
         if vae is not None:
-            pipe = OvisImagePipeline(**{**pipe.components, "vae": vae})
+            pipe = type(pipe)(**{**pipe.components, "vae": vae})
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     if args.model == "7b":
         return ovis_image_7b(args.hub_id, transformer="random" if args.transformer_init == "random" else None,
@@ -88,12 +88,12 @@ def _load_pipeline(args: ModelArguments) -> OvisImagePipeline:
     with without_zero3_init():
         pipe = load_stage_output(args.model, dtype)
         if args.vae_path:
-            pipe = OvisImagePipeline(**{**pipe.components, "vae": _load_vae(args.vae_path, dtype)})
+            pipe = type(pipe)(**{**pipe.components, "vae": _load_vae(args.vae_path, dtype)})
     if args.transformer_init == "random":
         torch.manual_seed(args.model_seed)
         with zero3_init():  # a random transformer is built already sharded under ZeRO-3
             transformer = type(pipe.transformer).from_config(pipe.transformer.config).to(dtype)
-        pipe = OvisImagePipeline(**{**pipe.components, "transformer": transformer})
+        pipe = type(pipe)(**{**pipe.components, "transformer": transformer})
     return pipe
 
 
@@ -102,9 +102,9 @@ def _load_vae(path: str, dtype: torch.dtype) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype).eval()
 
 
-def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> OvisImagePipeline:
-    """A stage's output folder as a pipeline: a complete diffusers folder as it is, a LoRA folder as its base
-    (recursively) with the adapter fused into the transformer's weights."""
+def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """A stage's output folder, or any diffusers folder or Hub id of a built-in family, as a pipeline: a complete
+    folder as it is, a LoRA folder as its base (recursively) with the adapter fused into the transformer's weights."""
     record = read_stage_record(path)
     if record.get("lora"):
         if not record.get("base_model"):
@@ -115,12 +115,17 @@ def load_stage_output(path: str, dtype: torch.dtype = torch.float32) -> OvisImag
         pipe.transformer.unload_lora()
         return pipe
     if os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.exists(path):  # a folder or a Hub id
-        return OvisImagePipeline.from_pretrained(path, torch_dtype=dtype)
+        pipeline_class = DiffusionPipeline.load_config(path).get("_class_name")
+        families = registered_families()
+        if pipeline_class not in families:
+            raise ValueError(f"{path} holds a {pipeline_class}, which is not a built-in family; rlhf-image's stages "
+                             f"take {', '.join(sorted(families))}")
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
     raise FileNotFoundError(f"{path} is not a stage output: it has neither model_index.json (full weights) nor a "
                             f"{STAGE_RECORD} of a LoRA stage; did the stage finish?")
 
 
-def build_policy(pipe: OvisImagePipeline, args: ModelArguments) -> FlowPolicy:
+def build_policy(pipe: DiffusionPipeline, args: ModelArguments) -> FlowPolicy:
     """The policy the trainers see; the model name is what model cards and stage records show."""
     policy = FlowPolicy.from_pipeline(pipe, max_sequence_length=args.max_sequence_length)
     policy.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
@@ -140,6 +145,8 @@ def lora_base(args: ModelArguments) -> str:
         return os.path.abspath(args.model)
     if args.model == "7b" and args.transformer_init == "pretrained" and not (args.vae_path or args.text_encoder_path):
         return args.hub_id
+    if is_hub_id(args.model) and args.transformer_init == "pretrained" and not args.vae_path:
+        return args.model
     raise ValueError(f"lora_rank > 0 needs a base model that the next stage can reload, but model={args.model!r} "
                      f"(transformer_init={args.transformer_init!r}, vae_path={args.vae_path!r}) is built in memory; "
                      "run a full-weights stage first and pass its output_dir as `model`")
@@ -158,15 +165,16 @@ def lora_config(args: RecipeArguments, model_args: ModelArguments):
 
 # --- saving ------------------------------------------------------------------------------------------
 
-def save_stage_output(trainer, pipe: OvisImagePipeline, output_dir: str) -> bool:
+def save_stage_output(trainer, pipe: DiffusionPipeline, output_dir: str) -> bool:
     """Write the trained model through the trainer (`transformer/` or the LoRA file, and a model card) and,
-    for full weights, the frozen parts that make `output_dir` a complete pipeline folder. Every process
+    for full weights, the frozen components that make `output_dir` a complete pipeline folder. Every process
     calls this (ZeRO-3 gathers the weights); only the main one writes. Returns whether it is LoRA."""
     trainer.save_model(output_dir)
     lora = is_lora(trainer.model)
     if trainer.args.should_save and not lora:
-        for name in FROZEN_PARTS:
-            pipe.components[name].save_pretrained(os.path.join(output_dir, name))
+        for name, component in pipe.components.items():
+            if name != "transformer" and component is not None:
+                component.save_pretrained(os.path.join(output_dir, name))
         pipe.save_config(output_dir)  # model_index.json: the component classes
     return lora
 
