@@ -8,7 +8,8 @@ over the seeds. The LoRA cases were measured again when the adapter's initialisa
 (it used to come from whatever the global random state was): smallest gains 0.0224 (ovis-lora-sde, was 0.0176),
 0.0160 (flux-lora-sde, was 0.0152), and for ovis-lora-cps 0.0142 at its former 12 steps (below twice the margin),
 so it now runs 16 steps: 0.0304 (gains per seed 0.0425, 0.0304, 0.0308, 0.0347, 0.0312). GRPO's own random streams
-did not change, and full fine-tuning and the baseline (no update) draw nothing else, so their numbers stand.
+did not change, and full fine-tuning and the baseline (no update) draw nothing else; ovis-full-cps measured again as
+a check gave 0.0461 (gains 0.0521, 0.0759, 0.0857, 0.0628, 0.0461; 0.0462 recorded before).
 """
 
 import numpy as np

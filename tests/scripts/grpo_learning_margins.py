@@ -49,7 +49,7 @@ def main() -> None:
         for seed in range(5):
             rewards = gain(family, lora, sde_type, lr, accumulation, steps, seed)
             gains.append(float(np.mean(rewards[-2:]) - rewards[0]))
-            print(f"{name} seed {seed}: gain {gains[-1]:.4f}", flush=True)
+            print(f"{name} seed {seed}: gain {gains[-1]:.6f}", flush=True)
         summary[name] = (min(gains), margin)
     if not cli.no_baseline:
         spread = 0.0
