@@ -93,7 +93,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module.run(*parsed)
+    finish_distributed()
     return 0
+
+
+def finish_distributed() -> None:
+    """After a stage that ran under torchrun/accelerate: wait for every rank, then destroy the process group,
+    so that no collective's worker thread is still running while the interpreter shuts down (an abort at exit,
+    "terminate called without an active exception", seen after ZeRO-3 saves on gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
