@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import json
 import os
 import re
 import subprocess
@@ -258,6 +259,21 @@ def test_model_takes_a_folder_of_any_built_in_family(sd35_folder, tmp_path):
     assert isinstance(trained, StableDiffusion3Pipeline)
     before = dict(policy.transformer.named_parameters())
     assert any(not torch.equal(p, before[n]) for n, p in trained.transformer.named_parameters())
+
+    pairs = tmp_path / "pairs"  # a pair folder as build-pairs writes it, from the two samples above
+    pairs.mkdir()
+    rows = [{"id": i, "prompt": prompts[i % 2], "chosen": str(tmp_path / "samples" / f"sample_{i % 2:03d}.png"),
+             "rejected": str(tmp_path / "samples" / f"sample_{1 - i % 2:03d}.png")} for i in range(4)]
+    (pairs / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_command("dpo", ["--config", "tiny_dpo.yaml", *common, "--pairs_path", str(pairs), "--height", "32",
+                        "--width", "32", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "d")])
+    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "d"), StableDiffusion3Pipeline)
+    run_command("eval", ["--config", "tiny_eval.yaml", *model, "--num_prompts", "2", "--num_inference_steps", "2",
+                         "--synthetic_width", "32", "--output_dir", str(tmp_path / "e")])
+    summary = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert summary["num_prompts"] == 2 and set(summary["metrics"]) == {"cfg1"}
+    assert 0.0 <= summary["metrics"]["cfg1"]["word_accuracy"] <= 1.0 and summary["metrics"]["cfg1"]["ned"] >= 0.0
+    assert len((tmp_path / "e" / "samples.jsonl").read_text().splitlines()) == 2
 
 
 def test_model_refuses_a_folder_of_a_family_that_is_not_built_in(tmp_path, capsys):
