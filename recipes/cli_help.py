@@ -113,6 +113,8 @@ def _fields(cls: ast.ClassDef, constants: dict) -> list[FieldHelp]:
     for node in cls.body:
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
+        if ast.unparse(node.annotation).startswith("ClassVar"):  # class constants, not options
+            continue
         default, help_text = "" if node.value is None else ast.unparse(node.value), ""
         value = node.value
         if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":

@@ -15,6 +15,8 @@ _EXPORTS = {
     "BaseConfig": "base_config",
     "ImageTrainingConfig": "base_config",
     "BaseTrainer": "base_trainer",
+    "OnlineConfig": "online_config",
+    "OnlineTrainer": "online_trainer",
     "GRPOConfig": "grpo_config",
     "GRPOTrainer": "grpo_trainer",
     "DPOConfig": "dpo_config",

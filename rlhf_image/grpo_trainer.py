@@ -1,49 +1,28 @@
 """`GRPOTrainer`: Flow-GRPO (Liu et al., 2025) for flow-matching text-to-image models, on `transformers.Trainer`.
 
-One rollout batch per `num_iterations` optimizer steps. Each process samples `per_device_train_batch_size *
-gradient_accumulation_steps` images (whole groups of `num_generations` per prompt) through the rollout engine,
-turns the rewards into group-relative advantages, and splits the batch into `gradient_accumulation_steps`
-micro-batches of exactly `per_device_train_batch_size` images: the same rows the sampler gave each
-transformer call, so the first (on-policy) pass recomputes the recorded log-probs bit for bit and the
-importance ratio is exactly 1 (a self-check). Each micro-batch's loss is the mean over its trained steps of
-the clipped surrogate (`grpo_loss`) plus `beta` times the KL to the reference policy (`step_kl`).
-
-Determinism (the streams of `rlhf_image.seeding`): every sample's noise comes from its own seed, derived from
-`(args.seed, SAMPLE_NOISE, global step at sampling, process index * rollout batch + index)`; the SDE window from
-`(args.seed, SDE_WINDOW, global step)`; the trained steps of micro-batch `m` from `(args.seed, TRAINED_STEPS,
-global step, m)`; the prompt order is a permutation derived from `(args.seed, DATA_ORDER, epoch)`. So a run resumed
-from a checkpoint (taken at a rollout boundary) continues exactly as if it had never stopped.
-
-The shared machinery (the policy and its LoRA or full preparation, the reference, the non-finite guard, counters
-that survive a resume, saving with a model card) is [`~rlhf_image.base_trainer.BaseTrainer`]'s.
+The rollouts, rewards, advantages and their logging are [`~rlhf_image.online_trainer.OnlineTrainer`]'s: each process
+samples whole groups through the rollout engine (the old log-probs are recorded while sampling) and trains on
+micro-batches of exactly the rows the sampler gave each transformer call, so the first (on-policy) pass recomputes
+the recorded log-probs bit for bit and the importance ratio is exactly 1 (a self-check). Each micro-batch's loss is
+the mean over its trained steps of the clipped surrogate (`grpo_loss`) plus `beta` times the KL to the reference
+policy (`step_kl`). The trained steps of micro-batch `m` are drawn from `(args.seed, TRAINED_STEPS, global step, m)`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import fields, replace
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from rlhf_image.rewards.base import RewardError, reward_name
-from rlhf_image.rewards.compose import aggregate
-
-from .advantages import group_advantages
-from .base_trainer import BaseTrainer, describe_sizes
 from .grpo_config import GRPOConfig
 from .losses import grpo_loss
-from .metrics import PhaseTimer, forward_flops, measure_peak_flops, mfu, save_sample_table, synchronize
-from .policy import Conditioning, FlowPolicy, tensor_to_pil
-from .rollout_engine import InProcessRolloutEngine, RolloutEngine, RolloutSpec
+from .online_trainer import OnlineTrainer
+from .policy import FlowPolicy
+from .rollout_engine import RolloutEngine
 from .sampling import Trajectory, transition_log_prob
 from .sde import step_kl
 from .seeding import Stream, derive_seed
@@ -51,54 +30,12 @@ from .seeding import Stream, derive_seed
 logger = logging.get_logger(__name__)
 
 
-class GroupedPromptSampler(Sampler[int]):
-    """Dataset indices for GRPO rollouts: each rollout takes `num_prompts` prompts of a permutation derived from
-    `(seed, epoch)`, repeats each `num_generations` times consecutively (a group), and repeats the whole block
-    `repeat` times (once per micro-step that trains on it). Incomplete rollouts at the end are dropped."""
-
-    def __init__(self, dataset_size: int, num_prompts: int, num_generations: int, repeat: int, seed: int):
-        if dataset_size < num_prompts:
-            raise ValueError(f"train_dataset has {dataset_size} prompts but one rollout batch needs {num_prompts} "
-                             "(rollout batch * processes / num_generations); add prompts or shrink the batch")
-        self.dataset_size, self.num_prompts = dataset_size, num_prompts
-        self.num_generations, self.repeat, self.seed = num_generations, repeat, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, Stream.DATA_ORDER, self.epoch))
-        order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        for first in range(0, len(self) // (self.num_generations * self.repeat), self.num_prompts):
-            block = [i for i in order[first:first + self.num_prompts] for _ in range(self.num_generations)]
-            for _ in range(self.repeat):
-                yield from block
-
-    def __len__(self) -> int:
-        rollouts = self.dataset_size // self.num_prompts
-        return rollouts * self.num_prompts * self.num_generations * self.repeat
-
-
-def _trajectory_to(trajectory: Trajectory, device: torch.device) -> Trajectory:
-    """The trajectory with every tensor (conditioning included) on `device`."""
-    values = {f.name: getattr(trajectory, f.name) for f in fields(trajectory)}
-    for name, value in values.items():
-        if isinstance(value, (torch.Tensor, Conditioning)):
-            values[name] = value.to(device)
-    return Trajectory(**values)
-
-
-def _identity(rows: list[dict]) -> list[dict]:
-    return rows
-
-
-class GRPOTrainer(BaseTrainer):
+class GRPOTrainer(OnlineTrainer):
     """Group Relative Policy Optimization for flow-matching text-to-image models (Flow-GRPO).
 
     Args:
-        model ([`FlowPolicy`] or a diffusers pipeline): the policy; a pipeline (`OvisImagePipeline`,
-            `FluxPipeline`) is wrapped with `FlowPolicy.from_pipeline`. Its transformer is what trains.
+        model ([`FlowPolicy`] or a diffusers pipeline): the policy; a pipeline of a registered family is wrapped with
+            `FlowPolicy.from_pipeline`. Its transformer is what trains.
         reward_funcs (a callable or a list of callables): rewards `fn(prompts, images, **columns) ->
             list[float | None]`, sync or async (see `rlhf_image.rewards.base`); `None` means "could not score".
         args ([`GRPOConfig`], *optional*).
@@ -112,23 +49,13 @@ class GRPOTrainer(BaseTrainer):
             [`InProcessRolloutEngine`].
         callbacks (`list[TrainerCallback]`, *optional*).
 
-    Logged every `logging_steps` (through `Trainer.log`, so wandb and the other integrations get them):
-    `rewards/<name>/{mean,std}` per reward and `rewards/total/{mean,std}`, `rewards/unscored` (samples with a
-    `None`) and `rewards/unscored_total`, `frac_reward_zero_std` (groups with no reward spread),
-    `advantages/{mean,std,min,max}`, `ratio/{mean,min,max}`, `clip_frac`, `approx_kl`, `kl` (when
+    Logged besides [`OnlineTrainer`]'s metrics: `ratio/{mean,min,max}`, `clip_frac`, `approx_kl`, `kl` (when
     `beta > 0`), `loss/policy`, the Trainer's `loss` and `grad_norm`, `nonfinite/skipped` (this step) and
-    `nonfinite/{skipped_steps_total,consecutive}`, `ratio/on_policy_mismatch_total`,
-    `rewards/unscored_rollouts_consecutive`, `time/<phase>` (seconds per step for `rollout`, `reward`,
-    `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`.
-
-    A rollout batch in which no sample could be scored trains on zero advantages: the first one logs a warning and
-    `args.max_consecutive_unscored` of them in a row stop training. A reward that raises stops training with a
-    [`~rlhf_image.rewards.base.RewardError`] naming the reward and the step, the reward's exception chained.
+    `nonfinite/{skipped_steps_total,consecutive}`, `ratio/on_policy_mismatch_total`.
     """
 
     config_class = GRPOConfig
     method_name = "GRPO"
-    required_columns = ("prompt",)
 
     def __init__(
         self,
@@ -143,121 +70,10 @@ class GRPOTrainer(BaseTrainer):
         callbacks: list[TrainerCallback] | None = None,
     ):
         args = self.check_args(args if args is not None else GRPOConfig(output_dir="grpo-output"))
-        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        self.reward_names = [reward_name(f) for f in self.reward_funcs]
-        if reward_weights is not None and args.reward_weights is not None:
-            raise ValueError("reward weights given twice: pass `reward_weights` to the trainer or set "
-                             "GRPOConfig.reward_weights, not both")
-        weights = reward_weights if reward_weights is not None else args.reward_weights
-        weights = [1.0] * len(self.reward_funcs) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"got {len(weights)} reward weights for {len(self.reward_funcs)} reward functions "
-                             f"({self.reward_names}); pass one weight per reward")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"reward_weights={weights}: weights must be finite numbers")
-        self.reward_weights = np.asarray(weights, dtype=np.float64)
-
-        super().__init__(model, args, train_dataset, eval_dataset, peft_config=peft_config,
-                         needs_reference=args.beta > 0, data_collator=_identity, callbacks=callbacks)
-        self.rollout_engine = rollout_engine if rollout_engine is not None else InProcessRolloutEngine()
-        self.rollout_engine.bind(self.policy, self.reward_funcs, self.reward_names)
-        self.spec = RolloutSpec(
-            height=args.image_size[0], width=args.image_size[1], num_steps=args.num_inference_steps,
-            sde_type=args.sde_type, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-            micro_batch_size=args.micro_batch_size)
-        self.peak_flops = args.peak_flops
-        self.counters.update({"nonfinite/skipped_steps_total": 0, "nonfinite/consecutive": 0,
-                              "rewards/unscored_total": 0, "rewards/unscored_rollouts_consecutive": 0,
-                              "ratio/on_policy_mismatch_total": 0})
-        self._timer = PhaseTimer(args.device)
-        self._flops: dict[str, float] = defaultdict(float)
-        self._buffer: list[dict] | None = None
-        self._buffer_cycle = -1
-        self._rollout_seconds = 0.0
-        self._micro_step_flops = 0
-        self._last_logged_step = 0
-
-    # --- data ------------------------------------------------------------------------------------
-    def get_train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            raise ValueError("GRPOTrainer: training requires a train_dataset")
-        args = self.args
-        num_prompts = args.rollout_batch_size * args.world_size // args.num_generations
-        sampler = GroupedPromptSampler(len(self.train_dataset), num_prompts, args.num_generations,
-                                       repeat=args.gradient_accumulation_steps * args.num_iterations, seed=args.seed)
-        loader = DataLoader(self.train_dataset, batch_size=args.rollout_batch_size, sampler=sampler,
-                            collate_fn=_identity, num_workers=args.dataloader_num_workers, drop_last=True)
-        return self.accelerator.prepare(loader)
-
-    def _prepare_inputs(self, rows: list[dict]) -> dict[str, Any]:
-        """Called by `training_step` with this process's rows of the current rollout: samples and scores at the
-        start of each rollout cycle (`gradient_accumulation_steps * num_iterations` micro-batches), then hands out
-        its micro-batches in order."""
-        args = self.args
-        accumulation = args.gradient_accumulation_steps
-        cycle_length = accumulation * args.num_iterations
-        micro_step = self.state.global_step * accumulation + self.micro_batch_index
-        cycle, position = divmod(micro_step, cycle_length)
-        if position == 0 or self._buffer_cycle != cycle:
-            if position:
-                logger.warning("resuming inside a rollout batch (global step %d is not a multiple of "
-                               "num_iterations=%d): the batch is sampled again, so the run is not exact",
-                               self.state.global_step, args.num_iterations)
-            engine_before = sum(self._timer.seconds[p] for p in ("rollout", "reward"))
-            start = time.perf_counter()
-            self._buffer, self._buffer_cycle = self._rollout(rows), cycle
-            self._rollout_seconds = time.perf_counter() - start
-            engine = sum(self._timer.seconds[p] for p in ("rollout", "reward")) - engine_before
-            # Moving tensors, advantages, logging: the trainer's own overhead around the engine.
-            self._timer.add("rollout_overhead", self._rollout_seconds - engine)
-        micro_index = micro_step % accumulation
-        return {**self._buffer[micro_index], "iteration": position // accumulation, "micro_index": micro_index}
-
-    def _rollout(self, rows: list[dict]) -> list[dict]:
-        args = self.args
-        step = self.state.global_step
-        prompts = [row["prompt"] for row in rows]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        offset = self.accelerator.process_index * len(rows)
-        seeds = [derive_seed(args.seed, Stream.SAMPLE_NOISE, step, offset + i) for i in range(len(rows))]
-        self.rollout_engine.sync_weights(self.policy, version=step)
-        try:
-            batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
-        except RewardError as error:
-            raise RewardError(f"GRPO step {step + 1}: {error}") from error
-        if batch.weights_version != step:
-            raise RuntimeError(f"the rollout engine sampled with weights version {batch.weights_version}, expected "
-                               f"{step}: GRPO's recorded log-probs must come from the current weights")
-        if batch.reward_names != self.reward_names:
-            raise RuntimeError(f"the rollout engine returned rewards {batch.reward_names}, "
-                               f"expected {self.reward_names}")
-        trajectory = _trajectory_to(batch.trajectory, self.args.device)
-        group_ids = torch.arange(len(rows)) // args.num_generations
-        for i in range(len(rows)):
-            if prompts[i] != prompts[int(group_ids[i]) * args.num_generations]:
-                raise RuntimeError("rows of a rollout batch must come in groups of num_generations equal prompts")
-
-        per_reward = batch.per_reward.double().cpu().numpy()
-        total = aggregate(per_reward, self.reward_weights, args.reward_aggregation)
-        advantages = group_advantages(torch.from_numpy(total), group_ids, scale_by_std=args.scale_rewards != "none",
-                                      batch_std=args.scale_rewards == "batch", clip=args.advantage_clip)
-        self._log_rollout(step, trajectory, per_reward, total, group_ids, advantages, seeds, batch.timings)
-
-        advantages = advantages.to(self.args.device)
-        size = args.per_device_train_batch_size
-        return [{"trajectory": trajectory.select(list(range(m * size, (m + 1) * size))),
-                 "advantages": advantages[m * size:(m + 1) * size]}
-                for m in range(args.gradient_accumulation_steps)]
-
-    def _window(self, step: int) -> tuple[int, int]:
-        """The stochastic steps `[start, end)` of the rollout sampled at `step` (Flow-GRPO-Fast)."""
-        args = self.args
-        if args.sde_window_size == 0:
-            return 0, args.num_inference_steps
-        low, high = args.sde_window_range
-        rng = np.random.default_rng(derive_seed(args.seed, Stream.SDE_WINDOW, step))
-        start = int(rng.integers(low, high - args.sde_window_size + 1))
-        return start, start + args.sde_window_size
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, reward_weights=reward_weights,
+                         peft_config=peft_config, rollout_engine=rollout_engine, callbacks=callbacks,
+                         needs_reference=args.beta > 0)
+        self.counters.setdefault("ratio/on_policy_mismatch_total", 0)
 
     def _train_steps(self, num_recorded: int, micro_index: int) -> list[int]:
         """Indices (into the recorded window) trained on by micro-batch `micro_index` at this global step."""
@@ -319,166 +135,12 @@ class GRPOTrainer(BaseTrainer):
         if self.counters["ratio/on_policy_mismatch_total"] == 1:
             logger.warning(message)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self._rollout_seconds = 0.0
-        start = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        synchronize(self.args.device)
-        self._timer.add("train", time.perf_counter() - start - self._rollout_seconds)
-        return loss
-
-    # --- logging ---------------------------------------------------------------------------------
-    def _log_rollout(self, step, trajectory, per_reward, total, group_ids, advantages, seeds, timings) -> None:
-        # Statistics over every process's samples (each process holds whole groups).
-        group_zero_spread = np.zeros(len(total))
-        for group in torch.unique(group_ids):
-            members = (group_ids == group).numpy()
-            values = total[members][~np.isnan(total[members])]
-            group_zero_spread[members] = float(values.size < 2 or float(values.std()) == 0.0)
-        local = np.concatenate([per_reward, total[:, None], advantages.double().cpu().numpy()[:, None],
-                                group_zero_spread[:, None]], axis=1)
-        gathered = self.accelerator.gather(torch.from_numpy(local).to(self.args.device)).cpu().numpy()
-        per_reward, total, advantages, group_zero_spread = (gathered[:, :-3], gathered[:, -3], gathered[:, -2],
-                                                            gathered[:, -1])
-        metrics = {}
-        for name, column in [*zip(self.reward_names, per_reward.T), ("total", total)]:
-            scored = column[~np.isnan(column)]
-            metrics[f"rewards/{name}/mean"] = float(scored.mean()) if scored.size else math.nan
-            metrics[f"rewards/{name}/std"] = float(scored.std()) if scored.size else math.nan
-        unscored = int(np.isnan(total).sum())
-        self.counters["rewards/unscored_total"] += unscored
-        metrics["rewards/unscored"] = float(unscored)
-        # Per-sample flags of equal-size groups: their mean is the share of groups.
-        metrics["frac_reward_zero_std"] = float(group_zero_spread.mean())
-        metrics.update({"advantages/mean": float(advantages.mean()), "advantages/std": float(advantages.std()),
-                        "advantages/min": float(advantages.min()), "advantages/max": float(advantages.max())})
-        self.record_metrics(metrics)
-        self._check_unscored(step, unscored == len(total))
-        for phase in ("rollout", "reward"):
-            self._timer.add(phase, timings.get(phase, 0.0))
-        self._count_rollout_flops(trajectory)
-        if self.args.log_samples_steps and step % self.args.log_samples_steps == 0 and self.is_world_process_zero():
-            self._log_samples(step, trajectory, local[:, :-3], local[:, -3], group_ids, local[:, -2], seeds)
-
-    def _check_unscored(self, step: int, none_scored: bool) -> None:
-        """The policy for rollouts in which no sample was scored (every process decides alike: `total` is gathered)."""
-        key = "rewards/unscored_rollouts_consecutive"
-        self.counters[key] = self.counters[key] + 1 if none_scored else 0
-        count, limit = self.counters[key], self.args.max_consecutive_unscored
-        if count >= limit:
-            raise RuntimeError(
-                f"{count} rollout batches in a row had no sample scored (every reward returned None; rewards "
-                f"{self.reward_names}), up to step {step + 1} (GRPOConfig.max_consecutive_unscored={limit}): training "
-                "on zero advantages changes nothing. Check the rewards (a remote reward server that is down, a "
-                "missing dataset column a reward needs) or raise max_consecutive_unscored.")
-        if count == 1:
-            logger.warning("no sample of the rollout batch at step %d could be scored (rewards %s returned None for "
-                           "every sample): this step trains on zero advantages", step + 1, self.reward_names)
-
-    def _log_samples(self, step, trajectory, per_reward, total, group_ids, advantages, seeds) -> None:
-        count = min(self.args.num_log_samples, len(trajectory))
-        images = tensor_to_pil(trajectory.images[:count])
-        rows = [{"prompt": trajectory.prompts[i], "seed": seeds[i], "group": int(group_ids[i]),
-                 "rewards": {name: _none_if_nan(per_reward[i, k]) for k, name in enumerate(self.reward_names)},
-                 "total": _none_if_nan(total[i]), "advantage": float(advantages[i])} for i in range(count)]
-        if "wandb" in self.args.report_to:
-            import wandb
-
-            if wandb.run is not None:
-                table = wandb.Table(columns=["image", "prompt", *self.reward_names, "total", "advantage"])
-                for image, row in zip(images, rows):
-                    table.add_data(wandb.Image(image), row["prompt"], *row["rewards"].values(), row["total"],
-                                   row["advantage"])
-                wandb.run.log({"samples": table, "train/global_step": step})
-                return
-        save_sample_table(os.path.join(self.args.output_dir, "samples"), step, images, rows)
-
-    def _count_rollout_flops(self, trajectory: Trajectory) -> None:
-        calls = math.ceil(len(trajectory) / self.args.micro_batch_size) * self.args.num_inference_steps
-        calls *= 2 if trajectory.guidance_scale > 1 else 1
-        flops = calls * self._forward_flops(trajectory)
-        self._flops["rollout"] += flops
-        self._micro_step_flops += flops
 
     def _count_train_flops(self, trajectory: Trajectory, num_steps: int, cfg: bool) -> None:
+        # Forward + backward = 3 forwards per call; the reference adds one forward.
         calls = num_steps * (2 if cfg else 1)
-        # Forward + backward = 3 forwards; the reference adds one forward.
-        flops = calls * (3 + (1 if self.args.beta > 0 else 0)) * self._forward_flops(trajectory)
-        self._flops["train"] += flops
-        self._micro_step_flops += flops
-
-    def _forward_flops(self, trajectory: Trajectory) -> int:
-        return forward_flops(self.policy, trajectory.cond, trajectory.height, trajectory.width,
-                             self.args.micro_batch_size)
-
-    def floating_point_ops(self, inputs) -> int:
-        """Transformer FLOPs of the micro-step just run (its share of rollout included), for `state.total_flos`."""
-        flops, self._micro_step_flops = self._micro_step_flops, 0
-        return int(flops)
-
-    def _phase_metrics(self) -> dict[str, float]:
-        steps = max(1, self.state.global_step - self._last_logged_step)
-        self._last_logged_step = self.state.global_step
-        seconds = self._timer.pop()
-        if self.peak_flops is None:
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else self.policy.dtype
-            self.peak_flops = measure_peak_flops(self.args.device, dtype)
-        out = {f"time/{phase}": value / steps for phase, value in seconds.items()}
-        for phase in ("rollout", "train"):
-            if seconds.get(phase):
-                out[f"mfu/{phase}"] = mfu(self._flops[phase], seconds[phase], self.peak_flops)
-        if seconds:
-            out["mfu/total"] = mfu(sum(self._flops.values()), sum(seconds.values()), self.peak_flops)
-        self._flops.clear()
-        return out
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if not any(key.startswith("eval_") for key in logs) and "train_runtime" not in logs:
-            logs.update(self._phase_metrics())
-        super().log(logs, start_time)
-
-    # --- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Score the eval prompts on deterministic (ODE) samples with fixed seeds, so numbers are comparable across
-        steps. Every process evaluates the whole eval set. Returns `{prefix}_rewards/<name>/mean` and the total."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("GRPOTrainer.evaluate needs an eval_dataset")
-        if dataset is not self.eval_dataset:
-            self.check_dataset("eval_dataset", dataset)
-        rows = [dataset[i] for i in range(len(dataset))]
-        prompts = [row["prompt"] for row in rows]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        seeds = [derive_seed(self.args.seed, Stream.EVALUATION, i) for i in range(len(rows))]
-        self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
-        try:
-            batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
-        except RewardError as error:
-            raise RewardError(f"GRPO evaluation at step {self.state.global_step}: {error}") from error
-        per_reward = batch.per_reward.double().cpu().numpy()
-        total = aggregate(per_reward, self.reward_weights, self.args.reward_aggregation)
-        metrics = {}
-        for k, name in enumerate(self.reward_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = float(np.nanmean(per_reward[:, k]))
-        metrics[f"{metric_key_prefix}_rewards/total/mean"] = float(np.nanmean(total))
-        metrics[f"{metric_key_prefix}_time/rollout"] = batch.timings.get("rollout", 0.0)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        self.count_train_flops(trajectory, calls * (3 + (1 if self.args.beta > 0 else 0)))
 
     # --- model card ------------------------------------------------------------------------------
     def model_card_details(self) -> dict[str, object]:
-        args = self.args
-        rewards = ", ".join(f"{name} (weight {w:g})" for name, w in zip(self.reward_names, self.reward_weights))
-        return {**super().model_card_details(), "reward functions": rewards,
-                "reward aggregation": args.reward_aggregation,
-                "sampler": f"{args.sde_type}, noise level {args.noise_level}", "group size": args.num_generations,
-                "image size": describe_sizes([args.image_size]), "inference steps": args.num_inference_steps,
-                "guidance scale": args.guidance_scale, "beta": args.beta}
-
-    def card_metric(self, key: str) -> bool:
-        return key.startswith("rewards/") and key.endswith("/mean")
-
-
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(float(value)) else float(value)
+        return {**super().model_card_details(), "beta": self.args.beta}

@@ -47,6 +47,7 @@ def test_stage_help_opens_with_config_and_the_stage_options_and_answers_fast():
                  "--num_rollout_workers "):
         assert any(line.startswith(f"  {flag}") for line in lines), flag
     assert "--adam_beta1" not in result.stdout and len(lines) < 250  # TrainingArguments' fields: --help-all
+    assert "--numeric_fields" not in result.stdout and "--sde_types" not in result.stdout  # class constants
     assert "--help-all" in lines[-1] or "--help-all" in result.stdout.splitlines()[-2]
 
 
