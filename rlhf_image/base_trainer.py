@@ -339,6 +339,25 @@ class BaseTrainer(Trainer):
         return super().train(resume_from_checkpoint=self.resume_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Inside every checkpoint, before its trainer_state.json (the mark of a complete checkpoint) is written.
+        super()._save_optimizer_and_scheduler(output_dir)
+        self.save_extra_state(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Called on every resume, with or without DeepSpeed, once the model and optimizer are in place.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_extra_state(checkpoint)
+
+    def save_extra_state(self, checkpoint_dir: str) -> None:
+        """Write the method's own state that an exact resume needs (weights in safetensors, e.g. an EMA or an old
+        policy) into `checkpoint_dir`. Called on every process at each checkpoint (write on `args.should_save`,
+        unless each process owns a shard); [`load_extra_state`] reads it back. The base has none."""
+
+    def load_extra_state(self, checkpoint_dir: str) -> None:
+        """Read back what [`save_extra_state`] wrote, on every process, when resuming from `checkpoint_dir`."""
+
     def saved_weights(self):
         """Context in which `save_model` reads the weights to write (the flow-matching trainer swaps its EMA in)."""
         return nullcontext()
