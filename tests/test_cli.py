@@ -194,11 +194,28 @@ def test_demo_overrides_from_the_command_line():
         ["--tiny_axes_dims_rope", "4", "6", "6", "--seed", "1"]
 
 
+def test_demo_seed_shifts_each_stage_config_seeds():
+    from rlhf_image.recipes.ovis_image.demo import seed_tokens
+
+    configs = Path(REPO) / "recipes" / "ovis_image" / "configs"
+    assert seed_tokens(str(configs / "tiny_pretrain.yaml"), 0) == []
+    assert seed_tokens(str(configs / "tiny_pretrain.yaml"), 3) == ["--seed", "3", "--model_seed", "3"]
+    assert seed_tokens(str(configs / "tiny_sft.yaml"), 3) == ["--seed", "4"]
+
+
 def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "rlhf_image.recipes.cli", "demo", "--config", "demo_quick.yaml",
-                             "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+                             "--output_dir", str(out), "--seed", "2"], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
+    # --seed shifts every stage's own seed (the YAMLs' seeds are 0 or 1) and the model's initialisation seed
+    for stage, seed in (("pretrain", 2), ("sft", 3), ("dpo", 2), ("grpo", 2)):
+        assert f"- seed: {seed}\n" in (out / stage / "README.md").read_text(), stage
+    # the end of the output: the stage table with times, the run's time and the report's path
+    tail = result.stdout[result.stdout.rindex("[rlhf-image demo] held-out OCR accuracy"):]
+    assert "| stage | steps | time (s) | exact cfg1 |" in tail and re.search(r"^\| grpo \| 2 \| \d+ \|", tail, re.M)
+    assert re.search(r"this run: \d+ min \d+ s", tail) and f"report: {out / 'report' / 'index.html'}" in tail
     for stage in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "eval"):
         assert f"=== rlhf-image {stage} " in result.stdout
     for folder in ("vae", "pretrain", "sft", "pairs", "dpo", "grpo", "eval/pretrain", "eval/sft", "eval/dpo",

@@ -119,7 +119,8 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None,
         title (`str`): page title.
 
     Returns:
-        `dict[str, str]`: paths of `html`, `markdown` and the plots folder.
+        `dict[str, str]`: paths of `html`, `markdown` and the plots folder, and `table`: the OCR table per stage
+        in markdown.
     """
     timings = timings or {}
     out = os.path.join(demo_dir, "report")
@@ -167,9 +168,9 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None,
     intro = ("The tiny Ovis-Image model through the four stages of the recipe on the CPU (pretrain, SFT, DPO on "
              f"OCR-scored pairs, GRPO with the OCR reward), each evaluated on {num_prompts} held-out prompts "
              "(strings never trained on).")
-    md = [f"# {title}", "", intro, "",
-          "## OCR accuracy on held-out prompts", "", "| " + " | ".join(header) + " |",
-          "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in table], "",
+    table_md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *["| " + " | ".join(r) + " |" for r in table]]
+    md = [f"# {title}", "", intro, "", "## OCR accuracy on held-out prompts", "", *table_md, "",
           "## Stages", "", *[f"- {fact}" for fact in facts], "", "## Figures", ""]
     md += [f"### {caption}\n\n![{caption}]({relative})\n" for _, caption, relative in figures]
     markdown = os.path.join(out, "README.md")
@@ -192,7 +193,7 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None,
     index = os.path.join(out, "index.html")
     with open(index, "w", encoding="utf-8") as f:
         f.write("\n".join(page))
-    return {"html": index, "markdown": markdown, "plots": plots}
+    return {"html": index, "markdown": markdown, "plots": plots, "table": "\n".join(table_md)}
 
 
 def _facts(records: dict[str, dict[str, Any]], timings: dict[str, float]) -> list[str]:
