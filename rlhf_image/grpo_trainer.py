@@ -84,10 +84,16 @@ class GRPOTrainer(OnlineTrainer):
                                                 micro_index))
         return sorted(rng.choice(num_recorded, size=count, replace=False).tolist())
 
+    def zero_advantage_is_free(self) -> bool:
+        # The clipped surrogate of a zero advantage is 0 whatever the ratio; the KL term is not.
+        return self.args.beta == 0
+
     # --- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference."""
         args = self.args
+        if inputs.get("skip"):
+            return self.skipped_micro_batch_loss(model)
         trajectory: Trajectory = inputs["trajectory"]
         advantages: torch.Tensor = inputs["advantages"]
         guidance = trajectory.guidance_scale if args.train_with_cfg else 1.0

@@ -51,6 +51,14 @@ class OnlineConfig(BaseConfig):
             the same batch size in sampling and training is what makes an on-policy ratio exactly 1.
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes (optimizer steps) over each rollout batch; the first is on-policy.
+        skip_zero_advantage (`bool`, *optional*, defaults to `True`):
+            Skip the forward and backward passes of a micro-batch whose advantages are all 0 (groups without reward
+            spread, unscored samples) where the method's loss has no gradient there (GRPO with `beta = 0`): the
+            update is the same, and the share of skipped micro-batches is logged as
+            `frac_skipped_zero_advantage`. Only whole micro-batches are skipped, so every trained micro-batch keeps
+            the sampler's rows (an on-policy ratio of exactly 1). Under DDP with several processes the last
+            micro-batch of each optimizer step always runs (its backward all-reduces the step's gradients); under
+            DeepSpeed ZeRO-3 nothing is skipped.
 
         > Parameters that control the advantages
 
@@ -116,6 +124,11 @@ class OnlineConfig(BaseConfig):
     )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer passes over each rollout batch (the first is on-policy)."}
+    )
+    skip_zero_advantage: bool = field(
+        default=True,
+        metadata={"help": "Skip micro-batches whose advantages are all 0 where the loss has no gradient there "
+                          "(same update, less work)."},
     )
 
     # > Advantages

@@ -18,6 +18,7 @@ stopped.
 Logged every `logging_steps` (through `Trainer.log`, so wandb and the other integrations get them):
 `rewards/<name>/{mean,std}` per reward and `rewards/total/{mean,std}`, `rewards/unscored` (samples with a
 `None`) and `rewards/unscored_total`, `frac_reward_zero_std` (groups with no reward spread),
+`frac_skipped_zero_advantage` (micro-batches whose work `skip_zero_advantage` saved),
 `advantages/{mean,std,min,max}`, `rewards/unscored_rollouts_consecutive`, `time/<phase>` (seconds per step for
 `rollout`, `reward`, `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`, with what the method records.
 """
@@ -235,7 +236,9 @@ class OnlineTrainer(BaseTrainer):
         advantages = self.compute_advantages(torch.from_numpy(total), group_ids)
         self._log_rollout(step, trajectory, per_reward, total, group_ids, advantages, seeds, batch.timings)
 
-        return self.micro_batches(trajectory, advantages.to(self.args.device))
+        batches = self.micro_batches(trajectory, advantages.to(self.args.device))
+        self._mark_skipped(batches)
+        return batches
 
     def compute_advantages(self, total: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         """Group-relative advantages of this process's rollout batch (`[N]`, from the aggregated rewards `total`
@@ -252,6 +255,30 @@ class OnlineTrainer(BaseTrainer):
         return [{"trajectory": trajectory.select(list(range(m * size, (m + 1) * size))),
                  "advantages": advantages[m * size:(m + 1) * size]}
                 for m in range(self.args.gradient_accumulation_steps)]
+
+    def zero_advantage_is_free(self) -> bool:
+        """Whether the method's loss has exactly zero gradient on a micro-batch whose advantages are all 0, so that
+        skipping it changes nothing (`args.skip_zero_advantage`). No by default; GRPO says yes when `beta == 0`."""
+        return False
+
+    def _mark_skipped(self, batches: list[dict[str, Any]]) -> None:
+        """Flag (`"skip"`) the micro-batches whose work `args.skip_zero_advantage` saves, and log their share."""
+        args = self.args
+        free = args.skip_zero_advantage and self.zero_advantage_is_free()
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            free = False  # a skipped micro-batch touches the parameters outside a forward: not under ZeRO-3
+        # Under DDP the backward of a step's last micro-batch all-reduces the accumulated gradients: it always runs.
+        last_runs = args.world_size > 1 and not self.is_deepspeed_enabled
+        for m, batch in enumerate(batches):
+            batch["skip"] = (free and bool((batch["advantages"] == 0).all())
+                             and not (last_runs and m == len(batches) - 1))
+        self.record_metrics({"frac_skipped_zero_advantage": sum(b["skip"] for b in batches) / len(batches)})
+
+    def skipped_micro_batch_loss(self, model: torch.nn.Module) -> torch.Tensor:
+        """The loss of a skipped micro-batch, without a transformer call: exactly 0, with exactly zero gradients for
+        every trainable parameter, so the optimizer (moments included) and DeepSpeed's gradient hooks see what the
+        computed micro-batch would have given them."""
+        return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
 
     def _window(self, step: int) -> tuple[int, int]:
         """The stochastic steps `[start, end)` of the rollout sampled at `step` (Flow-GRPO-Fast); none for ODE."""

@@ -296,3 +296,44 @@ def test_unscored_rollouts_in_a_row_reset_when_one_scores(tmp_path):
                           train_dataset=dataset())
     trainer.train()
     assert logged(trainer, "rewards/unscored_rollouts_consecutive") == [1.0, 0.0, 1.0, 0.0]
+
+
+def flat_for_animals(prompts, images, **columns):
+    """Brightness, except a constant for the animal prompts: their groups have no reward spread."""
+    return [0.5 if prompt in ("a cat", "a dog", "a boat") else value
+            for prompt, value in zip(prompts, brightness(prompts, images))]
+
+
+def test_zero_advantage_micro_batches_are_skipped_with_the_same_update(tmp_path):
+    # One group per micro-batch: the animal groups have all-zero advantages. Skipping them must give the very
+    # same weights (optimizer moments included: a fully skipped step still steps with zero gradients) and save
+    # their training forwards.
+    runs = {}
+    for skip in (False, True):
+        args = tiny_config(tmp_path / str(skip), max_steps=4, skip_zero_advantage=skip, log_samples_steps=1,
+                           num_log_samples=8, debug_ratio_check=True)
+        trainer = GRPOTrainer(ovis_policy(), flat_for_animals, args=args, train_dataset=dataset())
+        calls = []
+        trainer.policy.transformer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        trainer.train()
+        runs[skip] = trainer, sum(calls)
+    (plain, plain_calls), (skipping, skipping_calls) = runs[False], runs[True]
+    for (name, a), b in zip(trainable(plain).items(), trainable(skipping).values()):
+        assert torch.equal(a, b), name
+    expected = []
+    for step in range(4):
+        table = json.load(open(tmp_path / "True" / "samples" / f"step_{step:06d}.json"))["samples"]
+        expected.append(np.mean([all(row["advantage"] == 0 for row in table[m * 4:(m + 1) * 4]) for m in (0, 1)]))
+    assert 1.0 in expected and 0.5 in expected  # fully and partly skipped steps both occur
+    assert logged(skipping, "frac_skipped_zero_advantage") == expected
+    assert logged(plain, "frac_skipped_zero_advantage") == [0.0] * 4
+    # 4 trained steps per micro-batch with grad enabled; sampling runs without grad
+    assert plain_calls - skipping_calls == 4 * 2 * sum(expected)
+    assert logged(skipping, "loss") == logged(plain, "loss")
+
+
+def test_nothing_is_skipped_when_the_kl_term_has_a_gradient(tmp_path):
+    args = tiny_config(tmp_path, max_steps=2, beta=0.1)
+    trainer = GRPOTrainer(ovis_policy(), flat_for_animals, args=args, train_dataset=dataset())
+    trainer.train()
+    assert logged(trainer, "frac_skipped_zero_advantage") == [0.0, 0.0]
