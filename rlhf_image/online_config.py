@@ -56,9 +56,9 @@ class OnlineConfig(BaseConfig):
             spread, unscored samples) where the method's loss has no gradient there (GRPO with `beta = 0`): the
             update is the same, and the share of skipped micro-batches is logged as
             `frac_skipped_zero_advantage`. Only whole micro-batches are skipped, so every trained micro-batch keeps
-            the sampler's rows (an on-policy ratio of exactly 1). Under DDP with several processes the last
-            micro-batch of each optimizer step always runs (its backward all-reduces the step's gradients); under
-            DeepSpeed ZeRO-3 nothing is skipped.
+            the sampler's rows (an on-policy ratio of exactly 1). With several processes a micro-batch is skipped
+            only where it is all-zero on every process, and under DDP the last micro-batch of each optimizer step
+            always runs (its backward all-reduces the step's gradients); under DeepSpeed ZeRO-3 nothing is skipped.
 
         > Parameters that control the advantages
 

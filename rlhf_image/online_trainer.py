@@ -267,11 +267,15 @@ class OnlineTrainer(BaseTrainer):
         free = args.skip_zero_advantage and self.zero_advantage_is_free()
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             free = False  # a skipped micro-batch touches the parameters outside a forward: not under ZeRO-3
-        # Under DDP the backward of a step's last micro-batch all-reduces the accumulated gradients: it always runs.
-        last_runs = args.world_size > 1 and not self.is_deepspeed_enabled
-        for m, batch in enumerate(batches):
-            batch["skip"] = (free and bool((batch["advantages"] == 0).all())
-                             and not (last_runs and m == len(batches) - 1))
+        flags = torch.tensor([free and bool((batch["advantages"] == 0).all()) for batch in batches],
+                             device=args.device)
+        if args.world_size > 1:
+            # Every process skips the same micro-batches: the gradient hooks of ZeRO must fire alike on all ranks.
+            flags = self.accelerator.gather(flags).view(args.world_size, -1).all(dim=0)
+            if not self.is_deepspeed_enabled:
+                flags[-1] = False  # DDP all-reduces the step's gradients in its last micro-batch's backward
+        for batch, flag in zip(batches, flags.tolist()):
+            batch["skip"] = flag
         self.record_metrics({"frac_skipped_zero_advantage": sum(b["skip"] for b in batches) / len(batches)})
 
     def skipped_micro_batch_loss(self, model: torch.nn.Module) -> torch.Tensor:

@@ -23,6 +23,12 @@ def redness(prompts, images, **columns):
     return [float(np.asarray(image, dtype=np.float32)[..., 0].mean() / 255) for image in images]
 
 
+def flat_for_animals(prompts, images, **columns):
+    """Brightness, except a constant for the animal prompts: their groups have no reward spread (advantage 0)."""
+    return [0.5 if prompt.startswith(("a cat", "a dog", "a boat")) else value
+            for prompt, value in zip(prompts, brightness(prompts, images))]
+
+
 def ovis_policy(seed: int = 0) -> FlowPolicy:
     """Tiny Ovis-Image with a short text sequence (the prefix tokenizer keeps the user prompt in 24 tokens)."""
     pipe = ovis_image_tiny(tokenizer=ovis_prefix_tokenizer(), seed=seed)

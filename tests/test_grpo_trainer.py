@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy, redness, tiny_config
+from grpo_helpers import (LORA_TARGETS, brightness, dataset, flat_for_animals, logged, ovis_policy, redness,
+                          tiny_config)
 from peft import LoraConfig
 from transformers import TrainerCallback
 
@@ -296,12 +297,6 @@ def test_unscored_rollouts_in_a_row_reset_when_one_scores(tmp_path):
                           train_dataset=dataset())
     trainer.train()
     assert logged(trainer, "rewards/unscored_rollouts_consecutive") == [1.0, 0.0, 1.0, 0.0]
-
-
-def flat_for_animals(prompts, images, **columns):
-    """Brightness, except a constant for the animal prompts: their groups have no reward spread."""
-    return [0.5 if prompt in ("a cat", "a dog", "a boat") else value
-            for prompt, value in zip(prompts, brightness(prompts, images))]
 
 
 def test_zero_advantage_micro_batches_are_skipped_with_the_same_update(tmp_path):
