@@ -36,6 +36,15 @@ CUDA_VISIBLE_DEVICES=0 rlhf-image grpo --config recipes/ovis_image/configs/ovis_
     --num_rollout_workers 15 --num_gpus_per_worker 1 --num_reward_workers 4 --gradient_accumulation_steps 32
 # [end:ray_grpo]
 
+# [start:ray_grpo_torchrun]
+# first node, full-weight GRPO on 4 trainer processes (GPUs 0-3, ZeRO-2) sharing the rollout workers that
+# `ray start` was given GPUs 4-7 and the other nodes for; rank 0 drives them for all 4 ranks:
+CUDA_VISIBLE_DEVICES=0,1,2,3 torchrun --nproc_per_node 4 -m rlhf_image.recipes.cli grpo \
+    --config recipes/ovis_image/configs/ovis_7b_grpo.yaml --lora_rank 0 --deepspeed recipes/ovis_image/ds_zero2.json \
+    --ray_address auto --num_rollout_workers 12 --num_gpus_per_worker 1 --num_reward_workers 4 \
+    --gradient_accumulation_steps 8
+# [end:ray_grpo_torchrun]
+
 # [start:ray_stop]
 # every node, when done:
 ray stop

@@ -25,6 +25,7 @@ _EXPORTS = {
     "FlowMatchingTrainer": "fm_trainer",
     "build_preference_pairs": "pair_builder",
     "InProcessRolloutEngine": "rollout_engine",
+    "SharedRolloutEngine": "rollout_engine",
     "RolloutEngine": "rollout_engine",
     "BucketBatchSampler": "data",
     "ImageFolderDataset": "data",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from transformers import TrainingArguments
 
 # Image sizes a config accepts before the model is known (the model's own rule, multiples of its pixel unit, is
@@ -27,6 +28,13 @@ from transformers import TrainingArguments
 MAX_IMAGE_SIDE = 8192
 MAX_ASPECT_RATIO = 8.0
 MAX_SEED = 2**32 - 1  # numpy's global seed (set by transformers' `set_seed`) must be below 2**32
+
+# diffusers' attention backends (`diffusers.models.attention_dispatch.AttentionBackendName`) a config accepts: the
+# ones installed as Python packages (the `*_hub` backends download kernels at run time and are left out). Only the
+# first two run on the CPU; the others need a CUDA GPU (and their package: flash-attn, sageattention, xformers).
+CPU_ATTENTION_BACKENDS = ("native", "_native_math")
+ATTENTION_BACKENDS = (*CPU_ATTENTION_BACKENDS, "_native_flash", "_native_efficient", "_native_cudnn", "flash",
+                      "flash_varlen", "_flash_3", "_flash_varlen_3", "flex", "sage", "sage_varlen", "xformers")
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,20 @@ class BaseConfig(TrainingArguments):
         width (`int`, *optional*):
             Image width in pixels (defaults to `resolution`).
 
+        > GPU fast paths (see also `bf16`, `gradient_checkpointing` and `optim="adamw_torch_fused"`)
+
+        attention_backend (`str`, *optional*, defaults to `"native"`):
+            diffusers' attention backend for the trained transformer (and its frozen reference), set with
+            `ModelMixin.set_attention_backend`: `"native"` (PyTorch's `scaled_dot_product_attention`, which picks
+            its own kernel), `"_native_math"`, or a GPU kernel (`"_native_flash"`, `"_native_cudnn"`, `"flash"`
+            (flash-attn 2), `"_flash_3"` (flash-attn 3), `"sage"`, `"xformers"`, ...). A GPU backend on a machine
+            without CUDA (or with `use_cpu`) fails at construction.
+        compile_repeated_blocks (`bool`, *optional*, defaults to `False`):
+            Regional compilation: `torch.compile` each repeated transformer block (diffusers'
+            `ModelMixin.compile_repeated_blocks` for models that declare `_repeated_blocks`, otherwise every block of
+            the model's top-level `ModuleList`s), so one compiled graph serves all blocks of a kind and compilation
+            takes seconds rather than minutes. The frozen reference stays eager.
+
         > Safety
 
         max_consecutive_nonfinite (`int`, *optional*, defaults to `3`):
@@ -152,6 +174,14 @@ class BaseConfig(TrainingArguments):
     resolution: int = field(default=512, metadata={"help": "Height and width of the images, in pixels."})
     height: int | None = field(default=None, metadata={"help": "Image height in pixels (defaults to resolution)."})
     width: int | None = field(default=None, metadata={"help": "Image width in pixels (defaults to resolution)."})
+    attention_backend: str = field(
+        default="native", metadata={"help": "diffusers attention backend: 'native' (PyTorch SDPA), '_native_math', "
+                                            "or a CUDA one ('_native_flash', '_native_cudnn', 'flash', '_flash_3', "
+                                            "'sage', 'xformers', ...)."}
+    )
+    compile_repeated_blocks: bool = field(
+        default=False, metadata={"help": "torch.compile each repeated transformer block (regional compilation)."}
+    )
     max_consecutive_nonfinite: int = field(
         default=3, metadata={"help": "Stop with an error after this many skipped (non-finite) steps in a row."}
     )
@@ -235,6 +265,12 @@ class BaseConfig(TrainingArguments):
         if problem is not None:
             name = "height" if self.height is not None else "resolution"
             self.fail(name, problem, "use an image size the model is trained for")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            self.fail("attention_backend", f"unknown backend, expected one of {ATTENTION_BACKENDS}",
+                      "use 'native' (PyTorch SDPA) or a backend listed")
+        if self.attention_backend not in CPU_ATTENTION_BACKENDS and (self.use_cpu or not torch.cuda.is_available()):
+            self.fail("attention_backend", "this backend runs only on a CUDA GPU and none is in use",
+                      f"use one of {CPU_ATTENTION_BACKENDS} on the CPU")
         if self.remove_unused_columns:
             self.fail("remove_unused_columns", "the trainer reads its dataset columns itself and the Trainer would "
                       "drop them", "set remove_unused_columns=False")

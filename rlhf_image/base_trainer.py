@@ -49,7 +49,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .base_config import BaseConfig
 from .metrics import reduce_metrics
-from .model_io import base_transformer, frozen_copy, is_lora, prepare_transformer, reference_transformer
+from .model_io import base_transformer, compile_repeated_blocks, frozen_copy, is_lora, prepare_transformer
+from .model_io import reference_transformer, set_attention_backend
 from .model_io import save_trained, write_model_card
 from .policy import FlowPolicy
 from .seeding import Stream, derive_seed, seeded_generator
@@ -103,7 +104,8 @@ class BaseTrainer(Trainer):
 
     def __init__(self, model: FlowPolicy | Any, args: BaseConfig, train_dataset: Any = None, eval_dataset: Any = None,
                  *, peft_config: Any = None, ref_model: FlowPolicy | torch.nn.Module | None = None,
-                 needs_reference: bool = False, data_collator: Any = None,
+                 needs_reference: bool = False, reference_dtype: torch.dtype | None = None,
+                 data_collator: Any = None,
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple = (None, None)):
         self.check_args(args)
         self.policy = policy = model if isinstance(model, FlowPolicy) else FlowPolicy.from_pipeline(model)
@@ -129,9 +131,17 @@ class BaseTrainer(Trainer):
         self.reference_model: torch.nn.Module | None = None
         if ref_model is not None:
             reference = ref_model.transformer if isinstance(ref_model, FlowPolicy) else ref_model
-            self.reference_model = reference.requires_grad_(False).eval().to(args.device)
+            self.reference_model = reference.requires_grad_(False).eval().to(args.device, dtype=reference_dtype)
         elif needs_reference and not is_lora(policy.transformer):
-            self.reference_model = frozen_copy(policy.transformer).to(args.device)
+            self.reference_model = frozen_copy(policy.transformer, reference_dtype).to(args.device)
+        elif reference_dtype is not None:
+            raise ValueError(f"{type(args).__name__}.reference_dtype: with LoRA the reference is the policy with "
+                             "its adapter disabled (no copy to cast). Fix: leave reference_dtype='float32'.")
+        for module in (policy.transformer, self.reference_model):
+            if module is not None:
+                set_attention_backend(module, args.attention_backend)
+        if args.compile_repeated_blocks:
+            compile_repeated_blocks(policy.transformer)
 
         super().__init__(model=policy.transformer, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks,
@@ -225,8 +235,11 @@ class BaseTrainer(Trainer):
     @contextmanager
     def reference_transformer(self) -> Iterator[torch.nn.Module]:
         """The module that predicts with the reference weights, for `predict_velocity(..., transformer=...)`
-        (inside `torch.no_grad()`): `ref_model`, a frozen copy (full fine-tuning), or the adapter disabled (LoRA)."""
-        with reference_transformer(self.policy.transformer, self.reference_model) as module:
+        (inside `torch.no_grad()`): `ref_model`, a frozen copy (full fine-tuning), or the adapter disabled (LoRA).
+        Inside the block the mixed-precision autocast of `bf16`/`fp16` is on, as it is in the policy's forward (the
+        `Trainer` wraps only the trained model's forward in it), so the reference computes as the policy does."""
+        with reference_transformer(self.policy.transformer, self.reference_model) as module, \
+                self.accelerator.autocast():
             yield module
 
     def generator(self, stream: Stream, *keys: int) -> torch.Generator:

@@ -72,8 +72,11 @@ class DPOTrainer(BaseTrainer):
             train_dataset = PreferencePairDataset(train_dataset)
         if isinstance(eval_dataset, (str, os.PathLike)):
             eval_dataset = PreferencePairDataset(eval_dataset)
+        self.check_args(args)
+        reference_dtype = torch.bfloat16 if args.reference_dtype == "bfloat16" else None  # None: as the policy
         super().__init__(model, args, train_dataset, eval_dataset, peft_config=peft_config, ref_model=ref_model,
-                         needs_reference=True, data_collator=collate_pairs, callbacks=callbacks, optimizers=optimizers)
+                         needs_reference=True, reference_dtype=reference_dtype, data_collator=collate_pairs,
+                         callbacks=callbacks, optimizers=optimizers)
         self.encoders = FrozenEncoders(self.policy, args.encoder_batch_size, cache_latents=args.cache_latents,
                                        cache_text=args.cache_text_embeddings, cache_dir=args.cache_dir)
         self._eval_batches = 0

@@ -106,11 +106,42 @@ def base_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
     return transformer.get_base_model() if isinstance(transformer, PeftModel) else transformer
 
 
-def frozen_copy(transformer: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy in eval mode with no trainable parameter: the reference of full fine-tuning."""
+def frozen_copy(transformer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy in eval mode with no trainable parameter: the reference of full fine-tuning; `dtype` casts it
+    (e.g. `torch.bfloat16`: half the memory of a float32 reference)."""
     reference = copy.deepcopy(base_transformer(transformer)).eval()
     reference.requires_grad_(False)
-    return reference
+    return reference if dtype is None else reference.to(dtype)
+
+
+def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
+    """diffusers' `ModelMixin.set_attention_backend(backend)` on the model under any peft wrapper; `"native"`
+    (diffusers' default, PyTorch SDPA) leaves the model as it is, so models without the method keep working."""
+    if backend == "native":
+        return
+    model = base_transformer(transformer)
+    if not hasattr(model, "set_attention_backend"):
+        raise ValueError(f"attention_backend={backend!r}: {type(model).__name__} is not a diffusers model with "
+                         "set_attention_backend; use attention_backend='native'")
+    model.set_attention_backend(backend)
+
+
+def compile_repeated_blocks(transformer: torch.nn.Module, **compile_kwargs) -> int:
+    """Compile each repeated block of the transformer in place (`nn.Module.compile`): diffusers'
+    `compile_repeated_blocks` where the model declares `_repeated_blocks`, else every block of its top-level
+    `nn.ModuleList`s. Returns the number of blocks compiled."""
+    model = base_transformer(transformer)
+    names = getattr(model, "_repeated_blocks", None)
+    if names:
+        blocks = [module for module in model.modules() if type(module).__name__ in names]
+    else:
+        blocks = [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    if not blocks:
+        raise ValueError(f"compile_repeated_blocks: {type(model).__name__} has no repeated blocks "
+                         "(no _repeated_blocks and no top-level ModuleList)")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 @contextmanager

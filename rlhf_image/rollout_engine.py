@@ -164,3 +164,84 @@ class InProcessRolloutEngine:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class SharedRolloutEngine:
+    """One rollout engine for every training process: rank 0 holds `engine` (e.g. a `RayRolloutEngine` whose
+    workers sample on GPUs of their own) and drives it for the whole step; the other ranks hold `None`.
+
+    Each `rollout` call is collective. Every rank's `(prompts, seeds, columns)` are gathered on rank 0, which asks
+    `engine` for all of them in rank order in one call and scatters each rank its own rows back: a rank receives
+    the samples it would have sampled in-process (sample `i` depends only on its prompt, its seed and the weights,
+    and every rank passes its seeds). An error on rank 0 (a reward error, a worker failure) is raised on every rank.
+    `sync_weights` sends the weights from rank 0 only, once per step: with DDP or ZeRO-1/2 every rank holds the
+    whole model. ZeRO-3 partitions the parameters across ranks and is refused.
+
+    Args:
+        engine ([`RolloutEngine`] or `None`): the engine on rank 0, `None` on every other rank.
+        group (`torch.distributed.ProcessGroup`, *optional*): the trainer processes (default: the world). For
+            object collectives under NCCL each rank's CUDA device must be set, as the `Trainer` does.
+    """
+
+    def __init__(self, engine: RolloutEngine | None, group: Any = None):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("SharedRolloutEngine needs an initialised torch.distributed process group (torchrun, "
+                               "deepspeed); in a single process pass the engine itself")
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if (engine is None) != (self.rank != 0):
+            raise ValueError(f"SharedRolloutEngine: rank {self.rank} got "
+                             f"{'no engine' if engine is None else 'an engine'}; rank 0 holds the engine, the other "
+                             "ranks None")
+        self.engine = engine
+
+    def bind(self, policy: FlowPolicy, reward_funcs: Sequence[Callable], reward_names: Sequence[str]) -> None:
+        if self.engine is not None:
+            self.engine.bind(policy, reward_funcs, reward_names)
+
+    def sync_weights(self, policy: FlowPolicy, version: int) -> None:
+        if any(hasattr(p, "ds_id") for p in policy.transformer.parameters()):
+            raise ValueError("SharedRolloutEngine: the policy's parameters are partitioned by DeepSpeed ZeRO-3; rank 0 "
+                             "cannot send whole weights. Use ZeRO-2 (or DDP) with shared rollout workers")
+        if self.engine is not None:
+            self.engine.sync_weights(policy, version)
+
+    def rollout(self, prompts: list[str], seeds: list[int], columns: dict[str, list[Any]], spec: RolloutSpec,
+                window: tuple[int, int]) -> RolloutBatch:
+        import torch.distributed as dist
+
+        requests = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object((list(prompts), list(seeds), dict(columns)), requests, dst=self._global(0),
+                           group=self.group)
+        shares: list[Any] = [None] * self.world_size
+        if self.rank == 0:
+            try:
+                all_prompts = [p for request in requests for p in request[0]]
+                all_seeds = [s for request in requests for s in request[1]]
+                all_columns = {key: [v for request in requests for v in request[2][key]] for key in columns}
+                batch = self.engine.rollout(all_prompts, all_seeds, all_columns, spec, window)
+                start = 0
+                for rank, request in enumerate(requests):
+                    rows = list(range(start, start + len(request[0])))
+                    start += len(rows)
+                    shares[rank] = RolloutBatch(batch.trajectory.select(rows), batch.per_reward[rows],
+                                                list(batch.reward_names), batch.weights_version, dict(batch.timings))
+            except Exception as error:  # every rank must leave the collective, then raise it
+                shares = [error] * self.world_size
+        received: list[Any] = [None]
+        dist.scatter_object_list(received, shares if self.rank == 0 else None, src=self._global(0), group=self.group)
+        if isinstance(received[0], Exception):
+            raise received[0]
+        return received[0]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _global(self, rank: int) -> int:
+        import torch.distributed as dist
+
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)

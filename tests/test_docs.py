@@ -399,8 +399,15 @@ def test_cluster_commands_parse_with_the_real_launchers(tmp_path, monkeypatch):
         if tool == "torchrun":
             parsed = get_args_parser().parse_args(args)
             assert parsed.module and parsed.training_script == "rlhf_image.recipes.cli"
-            assert int(parsed.nnodes) * int(parsed.nproc_per_node) == 32
-            seen.append(("torchrun", check_stage(parsed.training_script_args, tmp_path)[0]))
+            stage, (*_, grpo_config, rollout_args) = check_stage(parsed.training_script_args, tmp_path)
+            processes = int(parsed.nnodes.split(":")[-1]) * int(parsed.nproc_per_node)
+            if stage == "grpo":  # trainer processes sharing Ray workers: the config's 128 images per step
+                assert processes == 4 and rollout_args.num_rollout_workers == 12 and grpo_config.deepspeed
+                assert processes * grpo_config.rollout_batch_size == 128  # rollout_batch_size of one process
+                seen.append(("torchrun", "grpo on ray"))
+            else:
+                assert processes == 32
+                seen.append(("torchrun", stage))
         elif tool == "deepspeed":
             parsed = deepspeed_args(args)
             assert parsed.module and parsed.no_local_rank and parsed.user_script == "rlhf_image.recipes.cli"
@@ -431,4 +438,4 @@ def test_cluster_commands_parse_with_the_real_launchers(tmp_path, monkeypatch):
         else:
             raise AssertionError(f"{CLUSTER_SCRIPT}: no parser for {line!r}")
     assert seen == [("torchrun", "pretrain"), ("deepspeed", "sft"), ("ray", "start --head"), ("ray", "start"),
-                    ("rlhf-image", "grpo on ray"), ("ray", "stop")]
+                    ("rlhf-image", "grpo on ray"), ("torchrun", "grpo on ray"), ("ray", "stop")]

@@ -6,6 +6,7 @@ fix named. The stage on Ray workers runs in
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,10 +73,12 @@ def test_bad_rollout_values_fail_at_parse_time_naming_the_field(flags, message, 
     assert "rlhf-image grpo: error" in err and message in err
 
 
-def test_ray_workers_under_a_multi_process_launcher_are_refused(capsys, monkeypatch):
+def test_ray_workers_under_a_multi_process_launcher_are_accepted_except_with_zero3(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")  # what torchrun and the deepspeed launcher set in each rank
-    assert main(["grpo", *TINY, "--num_rollout_workers", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "num_rollout_workers=2 under a launcher of 8 processes" in err and "as one process" in err
-    _, parsed = parse_command("grpo", TINY)  # in-process rollouts stay fine there
-    assert parsed[-1].num_rollout_workers == 0
+    _, parsed = parse_command("grpo", [*TINY, "--num_rollout_workers", "2"])  # rank 0 drives them for all ranks
+    assert parsed[-1].num_rollout_workers == 2
+    # ZeRO-3 partitions the weights: refused before any worker starts (tests/test_shared_ray_engine.py runs ZeRO-2).
+    zero3 = SimpleNamespace(world_size=8, process_index=0, deepspeed="ds_zero3.json",
+                            hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="num_rollout_workers=2 with DeepSpeed ZeRO-3"):
+        grpo.build_rollout_engine(parsed[-1], parsed[0], zero3)

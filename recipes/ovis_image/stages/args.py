@@ -247,8 +247,9 @@ class RolloutArguments:
     or on `num_rollout_workers` Ray actors of a `rlhf_image.rollout.RayRolloutEngine`, each of which builds the stage's input
     model itself; only the trainable weights (the adapter with `lora_rank > 0`) travel at each weight sync.
 
-    The Ray engine serves one trainer process: launch the stage without `torchrun`/`deepspeed`, so one step samples
-    `per_device_train_batch_size * gradient_accumulation_steps` images.
+    Under `torchrun`/`deepspeed` with several trainer processes (DDP or ZeRO-1/2), rank 0 starts the workers and
+    drives them for every rank (`rlhf_image.SharedRolloutEngine`): each rank gets the samples it would have sampled
+    itself. ZeRO-3 is refused (its parameters are partitioned, so rank 0 has no whole weights to send).
     """
 
     num_rollout_workers: int = field(
@@ -303,9 +304,3 @@ class RolloutArguments:
         if importlib.util.find_spec("ray") is None:
             raise ValueError(f"num_rollout_workers={self.num_rollout_workers} needs Ray: pip install "
                              "'rlhf-image[ray]', or set num_rollout_workers=0")
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and the deepspeed launcher
-        if world_size > 1:
-            raise ValueError(f"num_rollout_workers={self.num_rollout_workers} under a launcher of {world_size} "
-                             "processes: the Ray engine serves one trainer process (each rank would start its own "
-                             "workers); launch `rlhf-image grpo` as one process (raise gradient_accumulation_steps "
-                             "to keep the images per step), or set num_rollout_workers=0")

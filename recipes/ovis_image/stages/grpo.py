@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from rlhf_image import GRPOConfig, GRPOTrainer
+from rlhf_image import GRPOConfig, GRPOTrainer, SharedRolloutEngine
 from rlhf_image.rollout import RayRolloutEngine
 
 from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments, RolloutArguments
@@ -25,12 +25,24 @@ from .inputs import build_rewards, describe_data, prompt_rows
 ARGUMENTS = (ModelArguments, DataArguments, RewardArguments, RecipeArguments, GRPOConfig, RolloutArguments)
 
 
-def build_rollout_engine(rollout_args: RolloutArguments, model_args: ModelArguments) -> RayRolloutEngine | None:
+def build_rollout_engine(rollout_args: RolloutArguments, model_args: ModelArguments,
+                         config: GRPOConfig | None = None) -> RayRolloutEngine | SharedRolloutEngine | None:
     """The Ray rollout engine of `rollout_args`, or `None` (`num_rollout_workers=0`: the trainer samples in its own
     process). Each worker builds the stage's input model from `model_args` itself, so `model` must be readable at
-    the same path on every node (or be a Hub id cached there); starting it starts or joins Ray."""
+    the same path on every node (or be a Hub id cached there); starting it starts or joins Ray. With several trainer
+    processes (`config.world_size > 1`) only rank 0 starts the workers, and every rank gets a
+    `SharedRolloutEngine` over them."""
     if rollout_args.num_rollout_workers == 0:
         return None
+    if config is not None and config.world_size > 1:
+        stage = config.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage") if config.deepspeed \
+            else None
+        if stage == 3:
+            raise ValueError(f"num_rollout_workers={rollout_args.num_rollout_workers} with DeepSpeed ZeRO-3: the "
+                             "parameters are partitioned across the trainer processes, so no rank holds whole "
+                             "weights to send to the workers. Use a ZeRO-2 config, or num_rollout_workers=0")
+        return SharedRolloutEngine(build_rollout_engine(rollout_args, model_args) if config.process_index == 0
+                                   else None)
     # [start:engine]
     return RayRolloutEngine(
         functools.partial(load_pipeline, model_args),  # picklable: each worker builds the same model
@@ -43,10 +55,14 @@ def build_rollout_engine(rollout_args: RolloutArguments, model_args: ModelArgume
     # [end:engine]
 
 
-def describe_engine(engine: RayRolloutEngine | None, rollout_args: RolloutArguments) -> str:
+def describe_engine(engine: RayRolloutEngine | SharedRolloutEngine | None, rollout_args: RolloutArguments) -> str:
     """The banner's line on where the rollouts are sampled."""
     if engine is None:
         return "in the training process"
+    if isinstance(engine, SharedRolloutEngine):
+        if engine.engine is None:
+            return "by rank 0's Ray rollout workers"
+        return f"for all {engine.world_size} trainer processes: " + describe_engine(engine.engine, rollout_args)
     cluster = ("a private local Ray on 127.0.0.1" if engine.session.local else
                f"the Ray cluster at {rollout_args.ray_address or 'RAY_ADDRESS'}")
     rewards = f"{engine.num_reward_workers} reward workers" if engine.num_reward_workers else "the trainer"
@@ -74,7 +90,7 @@ class GRPORecipe:
         peft_config = lora_config(self.recipe_args, self.model_args)
         self.resume_from = resolve_resume(self.recipe_args.resume, self.config.output_dir)
         self.counter = StepCounter()
-        self.engine = build_rollout_engine(self.rollout_args, self.model_args)
+        self.engine = build_rollout_engine(self.rollout_args, self.model_args, self.config)
         try:
             self.trainer = GRPOTrainer(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
                                        peft_config=peft_config, rollout_engine=self.engine, callbacks=[self.counter])
