@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager, nullcontext
@@ -45,9 +46,10 @@ import PIL.Image
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .base_config import BaseConfig
+from .checkpoints import TRAINER_STATE, check_checkpoint, latest_complete_checkpoint, publish, staging_path
 from .metrics import reduce_metrics
 from .model_io import base_transformer, compile_repeated_blocks, frozen_copy, is_lora, prepare_transformer
 from .model_io import reference_transformer, set_attention_backend
@@ -189,7 +191,7 @@ class BaseTrainer(Trainer):
         if first is None:
             raise ValueError(f"{name}: no row could be read (every image is unreadable)")
         if not isinstance(first, Mapping):
-            hint = (f"; for a list of prompts pass [{{'prompt': p}} for p in prompts]" if isinstance(first, str)
+            hint = ("; for a list of prompts pass [{'prompt': p} for p in prompts]" if isinstance(first, str)
                     else "")
             raise TypeError(f"{name} rows must be mappings with the columns {list(self.required_columns)}; the first "
                             f"row is a {type(first).__name__}: {first!r:.80}{hint}")
@@ -342,15 +344,51 @@ class BaseTrainer(Trainer):
     # --- resume and saving ------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
-        """`transformers.Trainer.train`; `resume_from_checkpoint=True` resumes from the newest `checkpoint-*` in
-        `output_dir`, and the checkpoint resumed from is kept in `self.resume_checkpoint` for subclasses."""
+        """`transformers.Trainer.train`; `resume_from_checkpoint=True` resumes from the newest complete
+        `checkpoint-*` in `output_dir` (an incomplete one is skipped with a warning), and the checkpoint resumed from
+        is kept in `self.resume_checkpoint` for subclasses. A checkpoint with a missing or unreadable file raises a
+        [`~rlhf_image.checkpoints.CheckpointError`] naming the file."""
+        required = self.checkpoint_files()
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, required)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            check_checkpoint(resume_from_checkpoint, required)
         self.resume_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=self.resume_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def checkpoint_files(self) -> list[str]:
+        """Files every complete checkpoint of this trainer holds (relative paths); a method that writes its own
+        state file in [`save_extra_state`] adds it, so that a checkpoint without it is never resumed from."""
+        return [TRAINER_STATE]
+
+    def _get_output_dir(self, trial) -> str:
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed to `checkpoint-N` once complete (see
+        `rlhf_image.checkpoints`): a process killed while saving leaves no `checkpoint-N` behind."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = staging_path(run_dir, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        self._staging_root = os.path.dirname(staged)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every rank has written its part (DeepSpeed shards)
+        if self.args.should_save:
+            publish(staged, final)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staged):
+                self.state.best_model_checkpoint = final + self.state.best_model_checkpoint[len(staged):]
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Inside every checkpoint, before its trainer_state.json (the mark of a complete checkpoint) is written.

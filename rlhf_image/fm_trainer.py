@@ -32,7 +32,6 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .base_trainer import BaseTrainer, describe_sizes
 from .data import (UNREADABLE_IMAGE_ERRORS, BucketBatchSampler, ImageTextDataset, image_source_size, load_image,
@@ -166,9 +165,6 @@ class _FlowMatchingCallback(TrainerCallback):
         if self.trainer.ema is not None:
             self.trainer.ema.update()
 
-    def on_save(self, args, state, control, **kwargs):
-        # A tensor state, so a file beside the checkpoint's weights (the counters go to trainer_state.json).
-        self.trainer._save_ema(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 class FlowMatchingTrainer(BaseTrainer):
@@ -326,6 +322,17 @@ class FlowMatchingTrainer(BaseTrainer):
                 self.ema.load_state_dict(safetensors.torch.load_file(path, device=device))
             else:
                 logger.warning("no EMA in %s: the EMA restarts from the current weights", self.resume_checkpoint)
+
+    def checkpoint_files(self) -> list[str]:
+        files = super().checkpoint_files()
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.args.use_ema and not zero3:  # under ZeRO-3 each rank writes its own EMA shard
+            files.append(EMA_FILE)
+        return files
+
+    def save_extra_state(self, checkpoint_dir: str) -> None:
+        # A tensor state, so a file beside the checkpoint's weights (the counters go to trainer_state.json).
+        self._save_ema(checkpoint_dir)
 
     def _save_ema(self, checkpoint_dir: str) -> None:
         if self.ema is None:

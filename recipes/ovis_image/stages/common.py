@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf_image.recipes.ovis_image.model import ovis_image_7b, ovis_image_tiny, ovis_prefix_tokenizer
+from rlhf_image.checkpoints import latest_complete_checkpoint
 from rlhf_image.model_io import is_lora, load_lora
 from rlhf_image.policy import FlowPolicy, registered_families
 from rlhf_image.sharded_init import without_zero3_init, zero3_init
@@ -200,11 +200,12 @@ def write_stage_record(output_dir: str, record: dict[str, Any]) -> str:
 # --- resuming ----------------------------------------------------------------------------------------
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint to resume from: `"latest"` is the newest `checkpoint-*` in `output_dir` (or `None`, with
-    a message, when there is none); a folder is taken as it is."""
+    """The checkpoint to resume from: `"latest"` is the newest complete `checkpoint-*` in `output_dir` (an
+    incomplete one is skipped with a warning; `None`, with a message, when there is none); a folder is taken as it
+    is (the trainer checks it)."""
     if resume != "latest":
         return resume
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    last = latest_complete_checkpoint(output_dir)
     if last is None:
         print(f"[rlhf-image] --resume latest: no checkpoint-* in {output_dir}; starting fresh", flush=True)
     return last
