@@ -311,6 +311,8 @@ def test_grpo_stage_on_ray_workers_from_the_command_line_is_on_policy(tmp_path):
          "--num_generations", "2", "--num_inference_steps", "4", "--height", "32", "--width", "32",
          "--synthetic_num_samples", "8", "--save_strategy", "no", "--log_samples_steps", "0",
          "--debug_ratio_check", "true", "--num_rollout_workers", "1", "--worker_threads", "1",
+         # the random model's images all read alike: train on them anyway, so that every step shows its ratio
+         "--skip_zero_advantage", "false",
          "--output_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     banner = (r"1 Ray rollout worker\(s\) with [01] GPU each on a private local Ray on 127\.0\.0\.1; rewards scored "
