@@ -11,6 +11,7 @@ policy (`step_kl`). The trained steps of micro-batch `m` are drawn from `(args.s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,15 @@ class GRPOTrainer(OnlineTrainer):
 
     # --- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference."""
+        """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference.
+
+        One backward per trained step: every step but the last is backpropagated here, as soon as its loss is
+        computed (its autograd graph is freed before the next step's forward), and the returned loss carries the
+        last step's graph plus the others' detached values, for the `Trainer`'s own backward (which also does the
+        gradient synchronisation and, under DeepSpeed, the engine step). Peak activation memory is that of one
+        step's graph, whatever the number of trained steps; the gradient is the sum of the same terms as one
+        backward through all of them.
+        """
         args = self.args
         if inputs.get("skip"):
             return self.skipped_micro_batch_loss(model)
@@ -98,23 +107,23 @@ class GRPOTrainer(OnlineTrainer):
         advantages: torch.Tensor = inputs["advantages"]
         guidance = trajectory.guidance_scale if args.train_with_cfg else 1.0
         steps = self._train_steps(trajectory.log_probs.shape[1], inputs["micro_index"])
-        loss = torch.zeros((), device=args.device)
+        done = torch.zeros((), device=args.device)  # the losses of the steps already backpropagated (detached)
         ratios, stats_list, kls = [], [], []
-        for j in steps:
-            # Through the wrapper (DDP, DeepSpeed) that the Trainer hands us, so gradients are synchronised.
-            log_prob, mean, std = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
-                                                      transformer=model)
-            step_loss, stats = grpo_loss(log_prob, trajectory.log_probs[:, j], advantages, args.epsilon)
-            if args.beta > 0:
-                with torch.no_grad(), self.reference_transformer() as reference:
-                    _, reference_mean, _ = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
-                                                               transformer=reference)
-                kl = step_kl(mean, reference_mean, std)
-                step_loss = step_loss + args.beta * kl.mean()
-                kls.append(kl.detach())
-            loss = loss + step_loss / len(steps)
+        for position, j in enumerate(steps):
+            last = position == len(steps) - 1
+            with nullcontext() if last else self._no_gradient_sync(model):
+                step_loss, stats, kl = self._step_loss(model, trajectory, j, advantages, guidance)
+                step_loss = step_loss / len(steps)
+                if not last and step_loss.requires_grad:
+                    self._backward_now(model, step_loss)
+                    step_loss = step_loss.detach()
+                if not last:
+                    done = done + step_loss
             ratios.append(stats["ratio"])
             stats_list.append(stats)
+            if kl is not None:
+                kls.append(kl)
+        loss = step_loss + done
 
         ratio = torch.cat(ratios)
         stats = {"ratio/mean": ratio.mean(), "ratio/min": ratio.min(), "ratio/max": ratio.max(),
@@ -130,6 +139,38 @@ class GRPOTrainer(OnlineTrainer):
         self.record_metrics(values)
         self._count_train_flops(trajectory, len(steps), guidance > 1)
         return loss
+
+    def _step_loss(self, model, trajectory: Trajectory, j: int, advantages: torch.Tensor, guidance: float):
+        """Loss of the recorded step `j` of a micro-batch: `(loss, surrogate stats, detached per-sample KL [B] or
+        None)`."""
+        args = self.args
+        # Through the wrapper (DDP, DeepSpeed) that the Trainer hands us, so gradients are synchronised.
+        log_prob, mean, std = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
+                                                  transformer=model)
+        loss, stats = grpo_loss(log_prob, trajectory.log_probs[:, j], advantages, args.epsilon)
+        if args.beta == 0:
+            return loss, stats, None
+        with torch.no_grad(), self.reference_transformer() as reference:
+            _, reference_mean, _ = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
+                                                       transformer=reference)
+        kl = step_kl(mean, reference_mean, std)
+        return loss + args.beta * kl.mean(), stats, kl.detach()
+
+    def _no_gradient_sync(self, model):
+        """Context for a step backpropagated inside `compute_loss`: DDP accumulates its gradient locally (the
+        all-reduce happens once, in the `Trainer`'s backward of the micro-batch's last step)."""
+        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+
+    def _backward_now(self, model, loss: torch.Tensor) -> None:
+        """Backward of one step's share of the loss, scaled as the `Trainer` scales the loss it backpropagates,
+        without the optimizer step: under DeepSpeed the engine's backward off the accumulation boundary (ZeRO
+        reduces and accumulates each backward's gradients), else the accelerator's (mixed-precision scaling)."""
+        loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
+        if self.is_deepspeed_enabled:
+            model.set_gradient_accumulation_boundary(False)
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
 
     def _on_policy_ratio_mismatch(self, ratio_min: float, ratio_max: float) -> None:
         self.counters["ratio/on_policy_mismatch_total"] += 1

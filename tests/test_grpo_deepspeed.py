@@ -1,12 +1,22 @@
 """GRPO under DeepSpeed ZeRO-2 with two processes on the CPU (torchrun's environment with a file rendezvous,
 tests/launch.py): each process samples its own groups, the on-policy ratio stays exactly 1, gradients are
 synchronised (identical adapters on both ranks), the saved LoRA is the diffusers format, and skipping the
-micro-batches whose advantages are all 0 gives the same weights as computing them."""
+micro-batches whose advantages are all 0 gives the same weights as computing them. The first step's loss and
+gradient norm are those of one process accumulating both processes' micro-batches without DeepSpeed (each trained
+timestep is backpropagated on its own: ZeRO-2 reduces and accumulates every backward)."""
 
 import json
 
 import pytest
+from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy, tiny_config
 from launch import REPO, run_processes
+from peft import LoraConfig
+
+from rlhf_image import GRPOTrainer
+
+def mostly_flat(prompts, images, **columns):  # reward spread for two prompts of eight only
+    return [v if p.startswith(("a red house", "the sun")) else 0.5 for p, v in zip(prompts, brightness(prompts, images))]
+
 
 SCRIPT = r'''
 import hashlib, json, sys
@@ -18,8 +28,7 @@ from grpo_helpers import LORA_TARGETS, brightness, dataset, logged, ovis_policy,
 from rlhf_image import GRPOTrainer
 out = sys.argv[1]
 
-def mostly_flat(prompts, images, **columns):  # reward spread for two prompts of eight only
-    return [v if p.startswith(("a red house", "the sun")) else 0.5 for p, v in zip(prompts, brightness(prompts, images))]
+from test_grpo_deepspeed import mostly_flat
 
 results = {}
 for skip in (True, False):
@@ -65,3 +74,12 @@ def test_two_process_zero2(tmp_path):
     for rank in ranks:  # the same update with and without skipping, and something was skipped
         assert rank["True"]["weights"] == rank["False"]["weights"]
         assert sum(rank["True"]["skipped"]) > 0 and rank["False"]["skipped"] == [0.0, 0.0]
+
+    # One process, no DeepSpeed, accumulating the micro-batches both processes trained (the same seeds and prompts).
+    args = tiny_config(tmp_path / "one_process", max_steps=1, learning_rate=3e-2, skip_zero_advantage=False,
+                       gradient_accumulation_steps=4)
+    single = GRPOTrainer(ovis_policy(), mostly_flat, args=args, train_dataset=dataset(16),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    single.train()
+    for key in ("loss", "grad_norm"):
+        assert logged(single, key)[0] == pytest.approx(ranks[0]["False"][key][0], rel=1e-4), key
