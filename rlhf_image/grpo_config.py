@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from .base_config import Bound, number
 from .online_config import OnlineConfig
+from .sde import CONVENTIONS
 
 
 @dataclass
@@ -37,7 +38,29 @@ class GRPOConfig(OnlineConfig):
             ratios stay close to 1; Flow-GRPO uses 1e-4.
         beta (`float`, *optional*, defaults to `0.0`):
             KL coefficient against the reference policy (the base model: adapter disabled for LoRA, a frozen copy
-            for full fine-tuning, kept only when `beta > 0`). Flow-GRPO uses 0.004 to 0.04.
+            for full fine-tuning, kept only when `beta > 0`). Flow-GRPO uses 0.004 to 0.04, with its KL convention
+            (`kl_convention="flow_grpo"`).
+        log_prob_convention (`str`, *optional*, defaults to `"exact"`):
+            Log-prob of a CPS step: `"exact"` is the Gaussian log-density, the default because the importance
+            ratio is then a ratio of densities, the quantity the clipped surrogate and its clip range are defined
+            on. `"flow_grpo"` is Flow-GRPO's `-mean((x' - mean)^2)`, without the `1 / (2 s^2)` factor and the
+            constants: its log-ratio is `2 s^2` times the exact one, a factor that changes from step to step (1.68
+            at the first and 0.11 at the ninth of 10 steps of `sigma = 3t / (1 + 2t)` at noise level 0.8), so a
+            Flow-GRPO clip range means here what it means there. Both give the same
+            SDE log-probs (Flow-GRPO's SDE log-prob is the Gaussian density).
+        kl_convention (`str`, *optional*, defaults to `"exact"`):
+            KL of an SDE step to the reference: `"exact"` is the KL of the two Gaussian transitions,
+            `||mean - ref_mean||^2 / (2 std_t^2 |dt|)`, the default because it weighs each step by what it changes
+            in the sampled distribution; `"flow_grpo"` is Flow-GRPO's `||mean - ref_mean||^2 / (2 std_t^2)`, `|dt|`
+            times it (1/28 at the first and 1/4 at the last of the same 10 steps), so Flow-GRPO's `beta` carries
+            over. The CPS KL is the same in both, and 0 at the deterministic last CPS step (where Flow-GRPO's is
+            infinite).
+        grpo_guard (`bool`, *optional*, defaults to `False`):
+            GRPO-Guard (Wang et al., 2025, arXiv 2510.22319): the per-step normalised log-ratio
+            `s (log r + ||mean - old_mean||^2 / (2 s^2))` (centred on 0 at every step, so the clip range bites
+            alike across steps; `old_mean` is the sampler's, recorded in the trajectory) and each step's loss
+            weighted by `1 / |dt|` (the gradient reweighting). SDE sampling only (`sde_type="sde"`); the logged
+            `ratio/*` are then the normalised ratios (exactly 1 on-policy).
 
         > Parameters that control safety
 
@@ -64,6 +87,18 @@ class GRPOConfig(OnlineConfig):
     )
     epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the importance ratio."})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient against the reference (base) policy."})
+    log_prob_convention: str = field(
+        default="exact",
+        metadata={"help": "CPS log-prob: 'exact' (Gaussian log-density) or 'flow_grpo' (-mean((x' - mean)^2))."},
+    )
+    kl_convention: str = field(
+        default="exact",
+        metadata={"help": "SDE-step KL: 'exact' (over the transition variance) or 'flow_grpo' (|dt| times it)."},
+    )
+    grpo_guard: bool = field(
+        default=False,
+        metadata={"help": "GRPO-Guard: per-step normalised log-ratio and 1/|dt| loss weights (sde_type 'sde')."},
+    )
 
     # > Safety
     debug_ratio_check: bool = field(
@@ -78,6 +113,12 @@ class GRPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
+        for name in ("log_prob_convention", "kl_convention"):
+            if getattr(self, name) not in CONVENTIONS:
+                self.fail(name, f"expected one of {CONVENTIONS}", "use 'exact' (the default) or 'flow_grpo'")
+        if self.grpo_guard and self.sde_type != "sde":
+            self.fail("grpo_guard", f"GRPO-Guard's ratio normalisation and 1/|dt| weights are derived for the SDE "
+                      f"step, not sde_type={self.sde_type!r}", "set sde_type='sde' or grpo_guard=False")
         if self.debug_ratio_check and self.guidance_scale > 1 and not self.train_with_cfg:
             self.fail("debug_ratio_check", "with train_with_cfg=False and CFG in rollouts the training log-probs "
                       "differ from the recorded ones, so the ratio cannot be 1", "set train_with_cfg=True")

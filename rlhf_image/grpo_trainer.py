@@ -20,12 +20,12 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .grpo_config import GRPOConfig
-from .losses import grpo_loss
+from .losses import clipped_surrogate, grpo_loss, guard_log_ratio, guard_loss_weight
 from .online_trainer import OnlineTrainer
 from .policy import FlowPolicy
 from .rollout_engine import RolloutEngine
 from .sampling import Trajectory, transition_log_prob
-from .sde import step_kl
+from .sde import flow_grpo_log_prob, step_kl
 from .seeding import Stream, derive_seed
 
 logger = logging.get_logger(__name__)
@@ -141,19 +141,33 @@ class GRPOTrainer(OnlineTrainer):
         return loss
 
     def _step_loss(self, model, trajectory: Trajectory, j: int, advantages: torch.Tensor, guidance: float):
-        """Loss of the recorded step `j` of a micro-batch: `(loss, surrogate stats, detached per-sample KL [B] or
-        None)`."""
+        """Loss of the recorded step `j` of a micro-batch, in the config's conventions: `(loss, surrogate stats,
+        detached per-sample KL [B] or None)`."""
         args = self.args
         # Through the wrapper (DDP, DeepSpeed) that the Trainer hands us, so gradients are synchronised.
         log_prob, mean, std = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
                                                   transformer=model)
-        loss, stats = grpo_loss(log_prob, trajectory.log_probs[:, j], advantages, args.epsilon)
+        old_log_prob = trajectory.log_probs[:, j]
+        step = int(trajectory.step_indices[j])
+        dt = trajectory.sigmas[step + 1] - trajectory.sigmas[step]
+        if args.grpo_guard:
+            log_ratio = guard_log_ratio(log_prob, old_log_prob, mean, trajectory.means[:, j], std)
+            loss, stats = clipped_surrogate(log_ratio, advantages, args.epsilon)
+            loss = loss * guard_loss_weight(trajectory.sigmas[step], trajectory.sigmas[step + 1])
+        else:
+            if args.log_prob_convention == "flow_grpo" and trajectory.sde_type == "cps":
+                next_state = trajectory.latents[:, j + 1].float()
+                squared = ((next_state - mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+                log_prob = flow_grpo_log_prob(log_prob, std, squared)
+                old_log_prob = flow_grpo_log_prob(old_log_prob, std)
+            loss, stats = grpo_loss(log_prob, old_log_prob, advantages, args.epsilon)
         if args.beta == 0:
             return loss, stats, None
         with torch.no_grad(), self.reference_transformer() as reference:
             _, reference_mean, _ = transition_log_prob(self.policy, trajectory, j, guidance_scale=guidance,
                                                        transformer=reference)
-        kl = step_kl(mean, reference_mean, std)
+        flow_grpo_sde = args.kl_convention == "flow_grpo" and trajectory.sde_type == "sde"
+        kl = step_kl(mean, reference_mean, std, args.kl_convention, dt=dt if flow_grpo_sde else None)
         return loss + args.beta * kl.mean(), stats, kl.detach()
 
     def _no_gradient_sync(self, model):

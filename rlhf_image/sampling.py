@@ -29,6 +29,8 @@ class Trajectory:
         latents (`torch.Tensor` of shape `[B, K + 1, C, h, w]`): states through the recorded window:
             `latents[:, j]` enters step `step_indices[j]`, `latents[:, j + 1]` leaves it.
         log_probs (`torch.Tensor` of shape `[B, K]`): log-probs recorded when sampling (float32).
+        means (`torch.Tensor` of shape `[B, K, C, h, w]`): the Gaussian means of the recorded transitions when
+            sampling (float32), for losses that compare the policy's transition with the sampler's (GRPO-Guard).
         final_latents (`torch.Tensor` of shape `[B, C, h, w]`).
         images (`torch.Tensor` of shape `[B, 3, H, W]`, *optional*): decoded, in [0, 1].
         cond, negative_cond ([`Conditioning`]): the prompt conditioning (negative only with CFG).
@@ -41,6 +43,7 @@ class Trajectory:
     step_indices: torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor
+    means: torch.Tensor
     final_latents: torch.Tensor
     images: torch.Tensor | None
     cond: Conditioning
@@ -52,7 +55,7 @@ class Trajectory:
     width: int
     extra: dict = field(default_factory=dict)
 
-    _batched = ("latents", "log_probs", "final_latents", "images")
+    _batched = ("latents", "log_probs", "means", "final_latents", "images")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -158,14 +161,15 @@ def generate(
         chunk_cond = cond.select(padded)
         chunk_neg = negative_cond.select(padded) if use_cfg else None
         latents = policy.initial_noise(height, width, generators)
-        states, log_probs = [], []
+        states, log_probs, means = [], [], []
         for step in range(num_steps):
             sigma, sigma_next = sigmas[step], sigmas[step + 1]
             velocity = policy.predict_velocity(latents, sigma, chunk_cond, chunk_neg, guidance_scale)
             if start <= step < end:
                 states.append(latents)
-                latents, log_prob, _, _ = step_fn(velocity, latents, sigma, sigma_next, noise_level, generators)
+                latents, log_prob, mean, _ = step_fn(velocity, latents, sigma, sigma_next, noise_level, generators)
                 log_probs.append(log_prob)
+                means.append(mean)
                 if step == end - 1:  # the state leaving the window, not the final latents
                     states.append(latents)
             else:
@@ -174,6 +178,7 @@ def generate(
         chunks.append({
             "latents": torch.stack(states, dim=1)[:n] if states else latents.new_zeros(n, 0, *latents.shape[1:]),
             "log_probs": torch.stack(log_probs, dim=1)[:n] if log_probs else latents.new_zeros(n, 0),
+            "means": torch.stack(means, dim=1)[:n] if means else latents.new_zeros(n, 0, *latents.shape[1:]),
             "final_latents": latents[:n],
             "images": policy.decode(latents)[:n] if decode else None,
         })
@@ -184,6 +189,7 @@ def generate(
     return Trajectory(
         prompts=list(prompts), seeds=list(seeds), sigmas=sigmas,
         step_indices=torch.arange(start, end), latents=gather("latents"), log_probs=gather("log_probs"),
+        means=gather("means"),
         final_latents=gather("final_latents"), images=gather("images"), cond=cond,
         negative_cond=negative_cond if use_cfg else None, sde_type=sde_type, noise_level=noise_level,
         guidance_scale=guidance_scale, height=height, width=width,

@@ -182,6 +182,32 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, generator: Generator, prev_sa
     return mean + std * noise
 
 
+def flow_grpo_log_prob(log_prob: torch.Tensor, std: torch.Tensor,
+                       squared_error: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-GRPO's CPS log-prob `-mean((x' - mean)^2)` from the exact Gaussian log-density `log_prob` of the same
+    transition: `2 s^2 (log_prob + log s + log(2 pi) / 2)`, since `log_prob = -mean((x' - mean)^2) / (2 s^2) - log s
+    - log(2 pi) / 2`. One deterministic formula of the recorded and of the recomputed log-prob, so that equal inputs
+    give equal outputs and the on-policy ratio stays exactly 1; its gradient is `2 s^2` times the exact one.
+
+    Where `std == 0` (the last CPS step, `sigma_next = 0`) the exact log-prob is 0 and carries no error: pass
+    `squared_error` (`mean((x' - mean)^2)`, `[B]`) to get Flow-GRPO's `-squared_error` there (with its gradient),
+    else it is 0, which is Flow-GRPO's value for the sampler's own transition (`x' = mean` exactly).
+
+    Args:
+        log_prob (`torch.Tensor` of shape `[B]`): exact log-prob (the library's convention).
+        std (`torch.Tensor`, scalar or of shape `[B, 1, ...]`): the transition std.
+        squared_error (`torch.Tensor` of shape `[B]`, *optional*).
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32.
+    """
+    std = _per_sample(std)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    converted = 2 * safe**2 * (log_prob + torch.log(safe) + _HALF_LOG_2PI)
+    at_zero = -squared_error if squared_error is not None else torch.zeros_like(converted)
+    return torch.where(std > 0, converted, at_zero)
+
+
 def step_kl(
     mean: torch.Tensor,
     ref_mean: torch.Tensor,

@@ -19,17 +19,18 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from grpo_helpers import LORA_TARGETS, brightness, dataset, flux_policy, logged, ovis_policy, tiny_config  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from test_grpo_learning import CASES  # noqa: E402
+from test_grpo_learning import CASES, OPTIONS  # noqa: E402
 
 from rlhf_image import GRPOTrainer  # noqa: E402
 
 BASELINES = {"ovis-sde": ("ovis", "sde"), "ovis-cps": ("ovis", "cps"), "flux-sde": ("flux", "sde")}
 
 
-def gain(family: str, lora: bool, sde_type: str, lr: float, accumulation: int, steps: int, seed: int) -> list[float]:
+def gain(family: str, lora: bool, sde_type: str, lr: float, accumulation: int, steps: int, seed: int,
+         options: dict | None = None) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         args = tiny_config(out, max_steps=steps, learning_rate=lr, sde_type=sde_type,
-                           gradient_accumulation_steps=accumulation, seed=seed)
+                           gradient_accumulation_steps=accumulation, seed=seed, **(options or {}))
         policy = ovis_policy() if family == "ovis" else flux_policy()
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS) if lora else None
         trainer = GRPOTrainer(policy, brightness, args=args, train_dataset=dataset(), peft_config=peft_config)
@@ -47,7 +48,7 @@ def main() -> None:
         family, lora, sde_type, lr, accumulation, steps, margin, _ = CASES[name]
         gains = []
         for seed in range(5):
-            rewards = gain(family, lora, sde_type, lr, accumulation, steps, seed)
+            rewards = gain(family, lora, sde_type, lr, accumulation, steps, seed, OPTIONS.get(name))
             gains.append(float(np.mean(rewards[-2:]) - rewards[0]))
             print(f"{name} seed {seed}: gain {gains[-1]:.6f}", flush=True)
         summary[name] = (min(gains), margin)
