@@ -164,6 +164,20 @@ class BaseConfig(TrainingArguments):
             the model's top-level `ModuleList`s), so one compiled graph serves all blocks of a kind and compilation
             takes seconds rather than minutes. The frozen reference stays eager.
 
+        > EMA of the trained weights
+
+        use_ema (`bool`, *optional*, defaults to `False`):
+            Keep an exponential moving average of the trained weights (the adapter with LoRA), in float32: it is
+            saved in every checkpoint (an exact resume restores it), evaluation uses it (the flow-matching eval loss,
+            the online methods' evaluation rollouts) and it is what the final saved model holds.
+        ema_decay (`float`, *optional*, defaults to `0.9999`):
+            Decay per EMA update, in [0, 1): `ema = decay * ema + (1 - decay) * weights`. Flow-GRPO uses 0.9.
+        ema_warmup (`bool`, *optional*, defaults to `False`):
+            Decay `min(ema_decay, (1 + t) / (10 + t))` after optimizer step `t` (diffusers' and Flow-GRPO's
+            schedule): for short runs, where a high constant decay keeps the EMA near the initial weights.
+        ema_update_every (`int`, *optional*, defaults to `1`):
+            Update the EMA after every this many optimizer steps (Flow-GRPO: 8, with decay 0.9 and the warm-up).
+
         > Safety
 
         max_consecutive_nonfinite (`int`, *optional*, defaults to `3`):
@@ -182,6 +196,15 @@ class BaseConfig(TrainingArguments):
     compile_repeated_blocks: bool = field(
         default=False, metadata={"help": "torch.compile each repeated transformer block (regional compilation)."}
     )
+    use_ema: bool = field(
+        default=False,
+        metadata={"help": "Keep an EMA of the trained weights (saved with checkpoints, used for evaluation and the "
+                          "final model)."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per update, in [0, 1)."})
+    ema_warmup: bool = field(
+        default=False, metadata={"help": "Decay min(ema_decay, (1 + t) / (10 + t)) after step t (short runs)."})
+    ema_update_every: int = field(
+        default=1, metadata={"help": "Update the EMA after every this many optimizer steps (Flow-GRPO: 8)."})
     max_consecutive_nonfinite: int = field(
         default=3, metadata={"help": "Stop with an error after this many skipped (non-finite) steps in a row."}
     )
@@ -230,6 +253,8 @@ class BaseConfig(TrainingArguments):
         "height": integer(1, MAX_IMAGE_SIDE, optional=True),
         "width": integer(1, MAX_IMAGE_SIDE, optional=True),
         "max_consecutive_nonfinite": integer(1, hint="e.g. 3"),
+        "ema_decay": number(0, 1, high_open=True, hint="e.g. 0.9999"),
+        "ema_update_every": integer(1, hint="e.g. 1, or 8 as Flow-GRPO"),
     }
 
     def __post_init__(self):

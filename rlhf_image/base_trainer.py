@@ -17,6 +17,8 @@ method and little else. The base owns:
 - the non-finite guard: a step whose loss or gradient is not finite is skipped (no update, no optimizer-state
   change) on every rank, and `max_consecutive_nonfinite` of them in a row stop training;
 - gradient checkpointing as the config's one flag (diffusers' `enable_gradient_checkpointing`);
+- the EMA of the trained weights (`use_ema`, ...; [`ema`]): updated after optimizer steps, written into every
+  checkpoint and restored on resume, swapped in for evaluation and for the saved model ([`saved_weights`]);
 - counters that survive a resume ([`counters`], kept in a stateful callback, saved in `trainer_state.json`);
 - metrics recorded per micro-batch and reduced at each log ([`record_metrics`]);
 - the dataset contract, checked at construction: a map-style dataset of mapping rows whose first row has
@@ -43,13 +45,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
+import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .base_config import BaseConfig
-from .checkpoints import TRAINER_STATE, check_checkpoint, latest_complete_checkpoint, publish, staging_path
+from .checkpoints import TRAINER_STATE, CheckpointError, check_checkpoint, latest_complete_checkpoint, publish
+from .checkpoints import staging_path
+from .ema import EMA_FILE, EMAModel, is_zero3_partitioned, local_tensor
 from .metrics import reduce_metrics
 from .model_io import base_transformer, compile_repeated_blocks, frozen_copy, is_lora, prepare_transformer
 from .model_io import reference_transformer, set_attention_backend
@@ -74,6 +79,21 @@ class TrainerCounters(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {"counts": dict(self.counts)}, "attributes": {}}
+
+
+class _EMACallback(TrainerCallback):
+    """Builds the trainer's EMA once the model is placed (after DeepSpeed partitions it) and updates it after each
+    optimizer step, before the step's checkpoint and evaluation."""
+
+    def __init__(self, trainer: BaseTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._setup_ema()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None:
+            self.trainer.ema.step(state.global_step)
 
 
 def _is_map_style(dataset: Any) -> bool:
@@ -150,6 +170,9 @@ class BaseTrainer(Trainer):
                          optimizers=optimizers)
         self.model_accepts_loss_kwargs = False
         self.add_callback(TrainerCounters())
+        self.ema: EMAModel | None = None
+        if args.use_ema:
+            self.add_callback(_EMACallback(self))
         self.resume_checkpoint: str | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
@@ -362,7 +385,9 @@ class BaseTrainer(Trainer):
     def checkpoint_files(self) -> list[str]:
         """Files every complete checkpoint of this trainer holds (relative paths); a method that writes its own
         state file in [`save_extra_state`] adds it, so that a checkpoint without it is never resumed from."""
-        return [TRAINER_STATE]
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        # Under ZeRO-3 each rank writes its own EMA shard (see `_ema_file`).
+        return [TRAINER_STATE, *([EMA_FILE] if self.args.use_ema and not zero3 else [])]
 
     def _get_output_dir(self, trial) -> str:
         return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)
@@ -402,16 +427,45 @@ class BaseTrainer(Trainer):
             self.load_extra_state(checkpoint)
 
     def save_extra_state(self, checkpoint_dir: str) -> None:
-        """Write the method's own state that an exact resume needs (weights in safetensors, e.g. an EMA or an old
-        policy) into `checkpoint_dir`. Called on every process at each checkpoint (write on `args.should_save`,
-        unless each process owns a shard); [`load_extra_state`] reads it back. The base has none."""
+        """Write the trainer's own state that an exact resume needs (weights in safetensors, e.g. an old policy)
+        into `checkpoint_dir`. Called on every process at each checkpoint (write on `args.should_save`, unless each
+        process owns a shard); [`load_extra_state`] reads it back. The base writes the EMA; a subclass that adds
+        state calls `super()` and lists its files in [`checkpoint_files`]."""
+        if self.ema is None:
+            return
+        name, writes = self._ema_file()
+        if writes:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            safetensors.torch.save_file(self.ema.state_dict(), os.path.join(checkpoint_dir, name))
 
     def load_extra_state(self, checkpoint_dir: str) -> None:
-        """Read back what [`save_extra_state`] wrote, on every process, when resuming from `checkpoint_dir`."""
+        """Read back what [`save_extra_state`] wrote, on every process, when resuming from `checkpoint_dir` (the
+        EMA is read when it is built, at the start of training)."""
+
+    # --- EMA ----------------------------------------------------------------------------------------
+    def _ema_file(self) -> tuple[str, bool]:
+        """The EMA file name of this rank in a checkpoint, and whether this rank writes it."""
+        if any(is_zero3_partitioned(p) for p in self.ema.params.values()):  # each rank holds its partitions
+            return f"ema-rank{self.args.process_index:05d}-of-{self.args.world_size:05d}.safetensors", True
+        return EMA_FILE, self.args.should_save
+
+    def _setup_ema(self) -> None:
+        """Build [`ema`] from the trained weights (restored from `resume_checkpoint` when resuming)."""
+        args = self.args
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.ema = EMAModel(named, args.ema_decay, warmup=args.ema_warmup, update_every=args.ema_update_every)
+        if self.resume_checkpoint is None:
+            return
+        path = os.path.join(self.resume_checkpoint, self._ema_file()[0])
+        if not os.path.isfile(path):  # a ZeRO-3 shard (the other files are required by `checkpoint_files`)
+            raise CheckpointError(f"{self.resume_checkpoint} has no {os.path.basename(path)}: this rank's EMA "
+                                  "cannot be restored. Resume with the world size it was saved with")
+        self.ema.load_state_dict(safetensors.torch.load_file(path, device=str(local_tensor(named[0][1]).device)))
 
     def saved_weights(self):
-        """Context in which `save_model` reads the weights to write (the flow-matching trainer swaps its EMA in)."""
-        return nullcontext()
+        """Context in which the weights are those to evaluate and save: the EMA, when enabled (`use_ema`), swapped
+        into the trained parameters and swapped back on exit; else the trained weights as they are."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep the Trainer's layout, which resumes. A user's call writes what stock
@@ -436,8 +490,13 @@ class BaseTrainer(Trainer):
         if is_lora(self.model):
             config = self.model.peft_config[self.model.active_adapter]
             weights = f"LoRA (rank {config.r}, alpha {config.lora_alpha})"
+        ema = "off"
+        if args.use_ema:
+            ema = f"decay {args.ema_decay}" + (" with warm-up" if args.ema_warmup else "")
+            ema += f" every {args.ema_update_every} steps" if args.ema_update_every > 1 else ""
+            ema += " (the saved weights)"
         return {"steps": self.state.global_step, "weights": weights, "learning rate": args.learning_rate,
-                "seed": args.seed}
+                "seed": args.seed, "EMA": ema}
 
     def model_card_metrics(self) -> dict[str, float]:
         """Final metrics for the model card: the last logged value of each of [`card_metric_keys`]."""

@@ -174,7 +174,8 @@ class DPOTrainer(BaseTrainer):
 
     def evaluate(self, *args, **kwargs):
         self._eval_batches = 0  # every evaluation draws the same sigmas and noise
-        return super().evaluate(*args, **kwargs)
+        with self.saved_weights():  # the EMA, when enabled
+            return super().evaluate(*args, **kwargs)
 
     # --- model card ----------------------------------------------------------------------------
     def model_card_details(self) -> dict[str, object]:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+EMA_FILE = "ema.safetensors"  # in a checkpoint; under ZeRO-3 each rank writes its own shard file
+
 
 def is_zero3_partitioned(param: torch.nn.Parameter) -> bool:
     """Whether DeepSpeed ZeRO-3 manages (partitions) `param`."""
@@ -34,32 +36,40 @@ class EMAModel:
 
     Args:
         named_parameters (`list[tuple[str, torch.nn.Parameter]]`): the parameters to average.
-        decay (`float`): weight of the running average per step, in [0, 1).
-        warmup (`bool`, defaults to `False`): use `min(decay, (1 + t) / (10 + t))` at update `t = 1, 2, ...`
-            (diffusers' `EMAModel` schedule), so that early averages are not dominated by the initial weights.
-            `num_updates` must then be restored on resume (the trainer sets it to the global step).
+        decay (`float`): weight of the running average per update, in [0, 1).
+        warmup (`bool`, defaults to `False`): use `min(decay, (1 + t) / (10 + t))` after optimizer step `t = 1, 2,
+            ...` (diffusers' `EMAModel` and Flow-GRPO's schedule), so that early averages are not dominated by the
+            initial weights.
+        update_every (`int`, defaults to `1`): average after every this many optimizer steps only (Flow-GRPO: 8).
+
+    The state is the shadow weights alone: the decay is a function of the optimizer step, so a resumed run (which
+    knows its step) continues exactly.
     """
 
-    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float, warmup: bool = False):
+    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float, warmup: bool = False,
+                 update_every: int = 1):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
+        if update_every < 1:
+            raise ValueError(f"EMA update_every must be at least 1, got {update_every}")
+        self.decay, self.warmup, self.update_every = decay, warmup, update_every
         self.params = dict(named_parameters)
         self.shadow = {name: local_tensor(p).detach().float().clone() for name, p in self.params.items()}
-        self.num_updates = 0
 
-    def current_decay(self) -> float:
-        """The decay the next update uses."""
-        step = self.num_updates + 1
+    def current_decay(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based)."""
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA step from the current parameters."""
-        decay = self.current_decay()
+    def step(self, step: int) -> bool:
+        """Called after optimizer step `step` (1-based): average the current parameters in if `step` is a multiple
+        of `update_every`. Returns whether it did."""
+        if step % self.update_every:
+            return False
+        decay = self.current_decay(step)
         for name, param in self.params.items():
             self.shadow[name].mul_(decay).add_(local_tensor(param).float(), alpha=1.0 - decay)
-        self.num_updates += 1
+        return True
 
     @contextmanager
     def applied(self):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
-from .base_config import Bound, ImageTrainingConfig, check_image_shape, number
+from .base_config import ImageTrainingConfig, check_image_shape
 
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -14,8 +13,9 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 class FlowMatchingConfig(ImageTrainingConfig):
     r"""Configuration of [`FlowMatchingTrainer`]: rectified-flow pretraining and supervised fine-tuning of a
     flow-matching text-to-image transformer. The image size, timestep sampling, CFG dropout and encoder caches are
-    [`~rlhf_image.ImageTrainingConfig`]'s (shared with DPO); every `transformers.TrainingArguments` field keeps its
-    meaning (`deepspeed`, `bf16`, `gradient_checkpointing`, `save_steps`, `report_to`, ...).
+    [`~rlhf_image.ImageTrainingConfig`]'s (shared with DPO), the EMA (`use_ema`, `ema_decay`, ...)
+    [`~rlhf_image.BaseConfig`]'s; every `transformers.TrainingArguments` field keeps its meaning (`deepspeed`,
+    `bf16`, `gradient_checkpointing`, `save_steps`, `report_to`, ...).
 
     Parameters:
         > Data and resolution
@@ -30,15 +30,6 @@ class FlowMatchingConfig(ImageTrainingConfig):
 
         loss_weighting (`str`, defaults to `"none"`): `"none"`, `"sigma_sqrt"` or `"cosmap"` (diffusers'
             `compute_loss_weighting_for_sd3`).
-
-        > EMA
-
-        use_ema (`bool`, defaults to `False`): keep an exponential moving average of the trained weights; it is
-            saved with checkpoints and used for evaluation and for the final saved model.
-        ema_decay (`float`, defaults to 0.9999): EMA decay per optimizer step.
-        ema_warmup (`bool`, defaults to `False`): decay `min(ema_decay, (1 + t) / (10 + t))` at step `t`
-            (diffusers' EMA schedule): for short runs, where a high constant decay keeps the EMA near the
-            random initial weights.
     """
 
     buckets: list[str] | None = field(
@@ -47,21 +38,10 @@ class FlowMatchingConfig(ImageTrainingConfig):
                           "each image goes to its nearest bucket by aspect ratio and each batch holds one bucket."})
     loss_weighting: str = field(
         default="none", metadata={"help": "Per-sample loss weighting: 'none', 'sigma_sqrt' or 'cosmap' (SD3)."})
-    use_ema: bool = field(
-        default=False,
-        metadata={"help": "Keep an EMA of the trained weights (saved with checkpoints, used for eval and the "
-                          "final model)."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step, in [0, 1)."})
-    ema_warmup: bool = field(
-        default=False, metadata={"help": "Decay min(ema_decay, (1 + t) / (10 + t)) at step t (short runs)."})
 
     # TrainingArguments defaults that differ for this trainer
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
-
-    numeric_fields: ClassVar[dict[str, Bound]] = {
-        "ema_decay": number(0, 1, high_open=True, hint="e.g. 0.9999"),
-    }
 
     def validate(self) -> None:
         super().validate()

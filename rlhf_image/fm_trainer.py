@@ -20,15 +20,11 @@ its batch companions, and cached and recomputed encodings are bit-identical.
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import PIL.Image
-import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback
@@ -36,7 +32,6 @@ from transformers import TrainerCallback
 from .base_trainer import BaseTrainer, describe_sizes
 from .data import (UNREADABLE_IMAGE_ERRORS, BucketBatchSampler, ImageTextDataset, image_source_size, load_image,
                    nearest_bucket, resize_to_bucket)
-from .ema import EMAModel, is_zero3_partitioned, local_tensor
 from .encoders import FrozenEncoders, cfg_dropout
 from .fm_config import FlowMatchingConfig
 from .losses import flow_matching_loss, interpolate
@@ -44,9 +39,6 @@ from .policy import FlowPolicy, pil_to_tensor
 from .schedule import loss_weighting, sample_training_sigmas, shift_training_sigmas
 from .seeding import Stream
 
-logger = logging.getLogger(__name__)
-
-EMA_FILE = "ema.safetensors"
 
 
 def bucket_assignment(dataset: Dataset, buckets: Sequence[tuple[int, int]],
@@ -146,25 +138,16 @@ class BucketCollator:
 
 
 class _FlowMatchingCallback(TrainerCallback):
-    """Hooks the trainer's own state into the Trainer loop: EMA set-up and updates, the bucket sampler's
-    epoch, and the EMA files of checkpoints."""
+    """Hands the bucket sampler its epoch."""
 
     def __init__(self, trainer: FlowMatchingTrainer):
         self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._setup_ema()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # `state.epoch` is exactly the epoch number here, also when resuming mid-epoch, where the Trainer's
         # own `set_epoch` does not reach a batch sampler behind accelerate's skip and shard wrappers.
         if self.trainer._train_sampler is not None:
             self.trainer._train_sampler.set_epoch(int(state.epoch))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.ema is not None:
-            self.trainer.ema.update()
-
 
 
 class FlowMatchingTrainer(BaseTrainer):
@@ -205,7 +188,6 @@ class FlowMatchingTrainer(BaseTrainer):
         self._num_unreadable_at_scan = sum(b is None for b in (self._train_buckets or []))
         self.encoders = FrozenEncoders(self.policy, args.encoder_batch_size, cache_latents=args.cache_latents,
                                        cache_text=args.cache_text_embeddings, cache_dir=args.cache_dir)
-        self.ema: EMAModel | None = None
         self._train_sampler: BucketBatchSampler | None = None
         self._num_unreadable_loaded = 0
         self.counters.update({"data/unreadable_loaded": 0})
@@ -301,51 +283,7 @@ class FlowMatchingTrainer(BaseTrainer):
         self._num_unreadable_loaded += len(outputs["prompts"]) - outputs["num_valid"]
         return (loss, outputs) if return_outputs else loss
 
-    # --- EMA, evaluation, logging, saving ----------------------------------------------------
-    def _ema_files(self) -> tuple[str, bool]:
-        """The EMA file name of this rank, and whether this rank writes it."""
-        sharded = any(is_zero3_partitioned(p) for p in self.ema.params.values())
-        if sharded:  # each rank holds its ZeRO-3 partitions
-            return f"ema-rank{self.args.process_index:05d}-of-{self.args.world_size:05d}.safetensors", True
-        return EMA_FILE, self.args.should_save
-
-    def _setup_ema(self) -> None:
-        if not self.args.use_ema:
-            return
-        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        self.ema = EMAModel(named, self.args.ema_decay, warmup=self.args.ema_warmup)
-        if self.resume_checkpoint is not None:
-            self.ema.num_updates = self.state.global_step
-            path = os.path.join(self.resume_checkpoint, self._ema_files()[0])
-            if os.path.isfile(path):
-                device = str(local_tensor(named[0][1]).device)
-                self.ema.load_state_dict(safetensors.torch.load_file(path, device=device))
-            else:
-                logger.warning("no EMA in %s: the EMA restarts from the current weights", self.resume_checkpoint)
-
-    def checkpoint_files(self) -> list[str]:
-        files = super().checkpoint_files()
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self.args.use_ema and not zero3:  # under ZeRO-3 each rank writes its own EMA shard
-            files.append(EMA_FILE)
-        return files
-
-    def save_extra_state(self, checkpoint_dir: str) -> None:
-        # A tensor state, so a file beside the checkpoint's weights (the counters go to trainer_state.json).
-        self._save_ema(checkpoint_dir)
-
-    def _save_ema(self, checkpoint_dir: str) -> None:
-        if self.ema is None:
-            return
-        name, writes = self._ema_files()
-        if writes:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            safetensors.torch.save_file(self.ema.state_dict(), os.path.join(checkpoint_dir, name))
-
-    def saved_weights(self):
-        """The EMA weights, when enabled, are what the final model holds."""
-        return self.ema.applied() if self.ema is not None else nullcontext()
-
+    # --- evaluation, logging ------------------------------------------------------------------
     def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean flow-matching loss over `eval_dataset` with fixed noise per eval batch (EMA weights when
@@ -395,6 +333,4 @@ class FlowMatchingTrainer(BaseTrainer):
         args = self.args
         return {**super().model_card_details(), "buckets": describe_sizes(self.buckets),
                 "timesteps": f"{args.timestep_sampling}, shift {args.timestep_shift}",
-                "loss weighting": args.loss_weighting, "CFG dropout": args.cfg_dropout_prob,
-                "EMA": f"decay {args.ema_decay}" + (" with warm-up" if args.ema_warmup else "") if args.use_ema
-                else "off"}
+                "loss weighting": args.loss_weighting, "CFG dropout": args.cfg_dropout_prob}

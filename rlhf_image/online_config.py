@@ -46,6 +46,10 @@ class OnlineConfig(BaseConfig):
         sde_window_range (`list[int]`, *optional*):
             `[low, high]`: the window lies inside steps `[low, high)`; its start is drawn uniformly, the same for the
             whole rollout batch, from a seed derived from `(seed, global step)`. Defaults to the whole schedule.
+        same_noise_per_group (`bool`, *optional*, defaults to `False`):
+            Start every image of a group from the same initial noise (Flow-GRPO's `sample.same_latent`): the images
+            of a group then differ only by the stochastic steps' noise, so the advantage compares what the policy
+            does from one start. Needs a stochastic sampler (with `"ode"` a group would be one image repeated).
         micro_batch_size (`int`, *optional*):
             Rows per transformer call when sampling. Must equal `per_device_train_batch_size` (and defaults to it):
             the same batch size in sampling and training is what makes an on-policy ratio exactly 1.
@@ -66,7 +70,15 @@ class OnlineConfig(BaseConfig):
             Advantages are clipped to `[-advantage_clip, advantage_clip]`; `None` disables clipping.
         scale_rewards (`str`, *optional*, defaults to `"group"`):
             Advantage normalisation: `"group"` divides by each prompt's reward std, `"batch"` by the std of the
-            whole rollout batch (the group mean is still subtracted), `"none"` only centres (Dr. GRPO).
+            whole rollout batch over every process (the rewards are gathered, as Flow-GRPO's `global_std` does, so
+            2 processes give the advantages of 1 process sampling both batches; the group mean is still
+            subtracted), `"none"` only centres (Dr. GRPO).
+        per_prompt_stat_tracking (`bool`, *optional*, defaults to `False`):
+            Flow-GRPO's per-prompt statistics tracker: each prompt's mean and std are taken over every reward it
+            received in the current epoch (every process's rollouts so far, this one included), not only over its
+            group in this rollout, and reset at each epoch of the prompt dataset. It matters where a prompt comes
+            back within an epoch (a dataset that repeats prompts); `scale_rewards` and `advantage_clip` apply as
+            above. The statistics are saved in each checkpoint (`stat_tracker.json`), so a resume is exact.
         reward_weights (`list[float]`, *optional*):
             One weight per reward function; defaults to 1 each. The trainer's `reward_weights` argument is the
             same setting; pass one or the other.
@@ -118,6 +130,9 @@ class OnlineConfig(BaseConfig):
         default=None,
         metadata={"help": "[low, high]: the window lies in steps [low, high); its start is drawn per batch, seeded."},
     )
+    same_noise_per_group: bool = field(
+        default=False, metadata={"help": "Every image of a group starts from the same initial noise (needs sde/cps)."}
+    )
     micro_batch_size: int | None = field(
         default=None,
         metadata={"help": "Rows per transformer call when sampling; must equal per_device_train_batch_size."},
@@ -137,7 +152,12 @@ class OnlineConfig(BaseConfig):
     )
     scale_rewards: str = field(
         default="group",
-        metadata={"help": "Advantage std: 'group' (per prompt), 'batch' (whole rollout batch) or 'none'."},
+        metadata={"help": "Advantage std: 'group' (per prompt), 'batch' (whole rollout batch, every process) "
+                          "or 'none'."},
+    )
+    per_prompt_stat_tracking: bool = field(
+        default=False,
+        metadata={"help": "Each prompt's reward mean/std over all its rollouts of the epoch (Flow-GRPO's tracker)."},
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function (defaults to 1 each)."}
@@ -203,6 +223,9 @@ class OnlineConfig(BaseConfig):
         if self.sde_type == "cps" and self.noise_level > 1:
             self.fail("noise_level", "CPS needs sin(a pi / 2) <= 1 with a in (0, 1]", "use a value in (0, 1]")
         self._validate_window()
+        if self.same_noise_per_group and self.sde_type == "ode":
+            self.fail("same_noise_per_group", "with the deterministic 'ode' sampler every image of a group would be "
+                      "the same image", "use sde_type 'sde' or 'cps', or leave same_noise_per_group off")
         if self.scale_rewards not in SCALE_REWARDS:
             self.fail("scale_rewards", f"expected one of {SCALE_REWARDS}", "use 'group', 'batch' or 'none'")
         if self.reward_aggregation not in REWARD_AGGREGATIONS:

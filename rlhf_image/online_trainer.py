@@ -10,7 +10,8 @@ the sampler's log-probs gets them bit for bit. A method's trainer subclasses it 
 "iteration", "micro_index"}`.
 
 Determinism (the streams of `rlhf_image.seeding`): every sample's noise comes from its own seed, derived from
-`(args.seed, SAMPLE_NOISE, global step at sampling, process index * rollout batch + index)`; the SDE window from
+`(args.seed, SAMPLE_NOISE, global step at sampling, process index * rollout batch + index)` (with
+`same_noise_per_group` its initial noise from `(args.seed, GROUP_NOISE, global step, global group index)`); the SDE window from
 `(args.seed, SDE_WINDOW, global step)`; the prompt order is a permutation derived from `(args.seed, DATA_ORDER,
 epoch)`. So a run resumed from a checkpoint (taken at a rollout boundary) continues exactly as if it had never
 stopped.
@@ -19,12 +20,14 @@ Logged every `logging_steps` (through `Trainer.log`, so wandb and the other inte
 `rewards/<name>/{mean,std}` per reward and `rewards/total/{mean,std}`, `rewards/unscored` (samples with a
 `None`) and `rewards/unscored_total`, `frac_reward_zero_std` (groups with no reward spread),
 `frac_skipped_zero_advantage` (micro-batches whose work `skip_zero_advantage` saved),
-`advantages/{mean,std,min,max}`, `rewards/unscored_rollouts_consecutive`, `time/<phase>` (seconds per step for
+`advantages/{mean,std,min,max}`, `stat_tracker/{prompts,mean_rewards_per_prompt}` (with
+`per_prompt_stat_tracking`), `rewards/unscored_rollouts_consecutive`, `time/<phase>` (seconds per step for
 `rollout`, `reward`, `rollout_overhead`, `train`) and `mfu/{rollout,train,total}`, with what the method records.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 from transformers.utils import logging
@@ -42,7 +46,7 @@ from transformers.utils import logging
 from rlhf_image.rewards.base import RewardError, reward_name
 from rlhf_image.rewards.compose import aggregate
 
-from .advantages import group_advantages
+from .advantages import PerPromptStatTracker, group_advantages
 from .base_trainer import BaseTrainer, describe_sizes
 from .metrics import PhaseTimer, forward_flops, measure_peak_flops, mfu, save_sample_table, synchronize
 from .online_config import OnlineConfig
@@ -52,6 +56,8 @@ from .sampling import Trajectory
 from .seeding import Stream, derive_seed
 
 logger = logging.get_logger(__name__)
+
+STAT_TRACKER_FILE = "stat_tracker.json"  # in a checkpoint, with `per_prompt_stat_tracking`
 
 class GroupedPromptSampler(Sampler[int]):
     """Dataset indices for rollouts: each rollout takes `num_prompts` prompts of a permutation derived from
@@ -170,6 +176,11 @@ class OnlineTrainer(BaseTrainer):
         self._rollout_seconds = 0.0
         self._micro_step_flops = 0
         self._last_logged_step = 0
+        self.stat_tracker: PerPromptStatTracker | None = None
+        if args.per_prompt_stat_tracking:
+            self.stat_tracker = PerPromptStatTracker(scale_by_std=args.scale_rewards != "none",
+                                                     batch_std=args.scale_rewards == "batch", clip=args.advantage_clip)
+        self._tracked_epoch = -1
 
     # --- data ------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -214,6 +225,9 @@ class OnlineTrainer(BaseTrainer):
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         offset = self.accelerator.process_index * len(rows)
         seeds = [derive_seed(args.seed, Stream.SAMPLE_NOISE, step, offset + i) for i in range(len(rows))]
+        if args.same_noise_per_group:  # (initial, steps) pairs: a group's initial noise from its global index
+            seeds = [(derive_seed(args.seed, Stream.GROUP_NOISE, step, (offset + i) // args.num_generations), seed)
+                     for i, seed in enumerate(seeds)]
         self.rollout_engine.sync_weights(self.policy, version=step)
         try:
             batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
@@ -233,20 +247,48 @@ class OnlineTrainer(BaseTrainer):
 
         per_reward = batch.per_reward.double().cpu().numpy()
         total = aggregate(per_reward, self.reward_weights, args.reward_aggregation)
-        advantages = self.compute_advantages(torch.from_numpy(total), group_ids)
+        if self.stat_tracker is not None:
+            self._track_epoch(step)
+        advantages = self.compute_advantages(torch.from_numpy(total), group_ids, prompts)
         self._log_rollout(step, trajectory, per_reward, total, group_ids, advantages, seeds, batch.timings)
 
         batches = self.micro_batches(trajectory, advantages.to(self.args.device))
         self._mark_skipped(batches)
         return batches
 
-    def compute_advantages(self, total: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    def compute_advantages(self, total: torch.Tensor, group_ids: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Group-relative advantages of this process's rollout batch (`[N]`, from the aggregated rewards `total`
-        `[N]`, NaN where unscored, and the group of each sample `[N]`), as `scale_rewards` and `advantage_clip`
-        say."""
+        `[N]`, NaN where unscored, the group of each sample `[N]` and its prompt), as `scale_rewards`,
+        `per_prompt_stat_tracking` and `advantage_clip` say. Every process calls it (the batch std and the tracker
+        gather every process's rewards)."""
         args = self.args
-        return group_advantages(total, group_ids, scale_by_std=args.scale_rewards != "none",
-                                batch_std=args.scale_rewards == "batch", clip=args.advantage_clip)
+        options = {"scale_by_std": args.scale_rewards != "none", "batch_std": args.scale_rewards == "batch",
+                   "clip": args.advantage_clip}
+        if self.stat_tracker is not None:
+            everyone = self._gather_rewards(total)
+            all_prompts = gather_object(list(prompts)) if args.world_size > 1 else list(prompts)
+            start = self.accelerator.process_index * len(total)
+            advantages = self.stat_tracker.update(all_prompts, everyone)[start:start + len(total)]
+            self.record_metrics({f"stat_tracker/{key}": value for key, value in self.stat_tracker.stats().items()})
+            return advantages
+        batch_rewards = self._gather_rewards(total) if options["batch_std"] else None
+        return group_advantages(total, group_ids, batch_rewards=batch_rewards, **options)
+
+    def _gather_rewards(self, total: torch.Tensor) -> torch.Tensor:
+        """Every process's `total` (`[N]` each), concatenated in process order: `[world_size * N]`, float64."""
+        if self.args.world_size == 1:
+            return total.double()
+        return self.accelerator.gather(total.double().to(self.args.device)).cpu()
+
+    def _track_epoch(self, step: int) -> None:
+        """Clear the per-prompt statistics when the rollout sampled at `step` is the first of an epoch of the
+        prompt dataset (the sampler's epoch: `rollouts_per_epoch * num_iterations` optimizer steps each)."""
+        args = self.args
+        num_prompts = args.rollout_batch_size * args.world_size // args.num_generations
+        epoch = step // args.num_iterations // (len(self.train_dataset) // num_prompts)
+        if epoch != self._tracked_epoch:
+            self.stat_tracker.clear()
+            self._tracked_epoch = epoch
 
     def micro_batches(self, trajectory: Trajectory, advantages: torch.Tensor) -> list[dict[str, Any]]:
         """The rollout batch cut into `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`
@@ -255,6 +297,25 @@ class OnlineTrainer(BaseTrainer):
         return [{"trajectory": trajectory.select(list(range(m * size, (m + 1) * size))),
                  "advantages": advantages[m * size:(m + 1) * size]}
                 for m in range(self.args.gradient_accumulation_steps)]
+
+    # --- the tracker's state in checkpoints ----------------------------------------------------------
+    def checkpoint_files(self) -> list[str]:
+        return [*super().checkpoint_files(), *([STAT_TRACKER_FILE] if self.args.per_prompt_stat_tracking else [])]
+
+    def save_extra_state(self, checkpoint_dir: str) -> None:
+        super().save_extra_state(checkpoint_dir)
+        if self.stat_tracker is not None and self.args.should_save:
+            # every process holds the same statistics (built from gathered rewards); JSON round-trips the floats
+            with open(os.path.join(checkpoint_dir, STAT_TRACKER_FILE), "w") as f:
+                json.dump({"epoch": self._tracked_epoch, **self.stat_tracker.state_dict()}, f)
+
+    def load_extra_state(self, checkpoint_dir: str) -> None:
+        super().load_extra_state(checkpoint_dir)
+        if self.stat_tracker is not None:
+            with open(os.path.join(checkpoint_dir, STAT_TRACKER_FILE)) as f:
+                state = json.load(f)
+            self._tracked_epoch = state.pop("epoch")
+            self.stat_tracker.load_state_dict(state)
 
     def zero_advantage_is_free(self) -> bool:
         """Whether the method's loss has exactly zero gradient on a micro-batch whose advantages are all 0, so that
@@ -418,7 +479,8 @@ class OnlineTrainer(BaseTrainer):
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Score the eval prompts on deterministic (ODE) samples with fixed seeds, so numbers are comparable across
-        steps. Every process evaluates the whole eval set. Returns `{prefix}_rewards/<name>/mean` and the total."""
+        steps, with the EMA weights when `use_ema` is set. Every process evaluates the whole eval set. Returns
+        `{prefix}_rewards/<name>/mean` and the total."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError(f"{type(self).__name__}.evaluate needs an eval_dataset")
@@ -428,11 +490,16 @@ class OnlineTrainer(BaseTrainer):
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         seeds = [derive_seed(self.args.seed, Stream.EVALUATION, i) for i in range(len(rows))]
-        self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
-        try:
-            batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"), (0, 0))
-        except RewardError as error:
-            raise RewardError(f"{self.method_name} evaluation at step {self.state.global_step}: {error}") from error
+        # With `use_ema` the EMA weights sample (a remote engine is sent them; the next training rollout sends the
+        # trained weights back).
+        with self.saved_weights():
+            self.rollout_engine.sync_weights(self.policy, version=self.state.global_step)
+            try:
+                batch = self.rollout_engine.rollout(prompts, seeds, columns, replace(self.spec, sde_type="ode"),
+                                                    (0, 0))
+            except RewardError as error:
+                raise RewardError(f"{self.method_name} evaluation at step {self.state.global_step}: {error}") \
+                    from error
         per_reward = batch.per_reward.double().cpu().numpy()
         total = aggregate(per_reward, self.reward_weights, self.args.reward_aggregation)
         metrics = {}

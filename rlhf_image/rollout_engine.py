@@ -87,7 +87,7 @@ class RolloutEngine(Protocol):
     def rollout(
         self,
         prompts: list[str],
-        seeds: list[int],
+        seeds: list[int | tuple[int, int]],
         columns: dict[str, list[Any]],
         spec: RolloutSpec,
         window: tuple[int, int],
@@ -95,7 +95,8 @@ class RolloutEngine(Protocol):
         """Sample one image per prompt and score it.
 
         Args:
-            prompts (`list[str]` of length N), seeds (`list[int]` of length N): sample `i` must depend only on
+            prompts (`list[str]` of length N), seeds (`list[int | tuple[int, int]]` of length N; an `(initial, steps)`
+                pair seeds the initial noise and the step noise apart): sample `i` must depend only on
                 `(prompts[i], seeds[i])` and the weights (see [`~rlhf_image.sampling.generate`]).
             columns (`dict[str, list]`): extra dataset columns, each of length N, passed to the rewards.
             spec ([`RolloutSpec`]).
@@ -131,7 +132,7 @@ class InProcessRolloutEngine:
             raise ValueError("InProcessRolloutEngine samples with the policy given to `bind`; pass that policy")
         self.version = version
 
-    def rollout(self, prompts: list[str], seeds: list[int], columns: dict[str, list[Any]], spec: RolloutSpec,
+    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
                 window: tuple[int, int]) -> RolloutBatch:
         if self.policy is None or self.reward_set is None:
             raise RuntimeError("call `bind` before `rollout`")
@@ -208,7 +209,7 @@ class SharedRolloutEngine:
         if self.engine is not None:
             self.engine.sync_weights(policy, version)
 
-    def rollout(self, prompts: list[str], seeds: list[int], columns: dict[str, list[Any]], spec: RolloutSpec,
+    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
                 window: tuple[int, int]) -> RolloutBatch:
         import torch.distributed as dist
 

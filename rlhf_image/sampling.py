@@ -1,7 +1,8 @@
 """The in-process sampler: ODE, SDE or CPS generation with recorded log-probs, returning a `Trajectory`.
 
 Determinism: every sample owns a `torch.Generator` seeded with its seed, which draws its initial noise
-and then its step noise in order; and the transformer is always called on micro-batches of exactly
+and then its step noise in order (a seed given as a pair `(initial, steps)` seeds one generator for the initial
+noise and another for the steps, so that samples can share a start and differ in their steps); and the transformer is always called on micro-batches of exactly
 `micro_batch_size` rows (the last one padded), because matrix kernels give bit-different rows for
 different batch sizes. So sample `i` is bit-identical whatever batch or position it is generated in,
 and a trainer that recomputes log-probs on micro-batches of the same size gets a ratio of exactly 1.
@@ -23,7 +24,7 @@ class Trajectory:
     """A batch of generations with everything a policy-gradient update needs.
 
     Args:
-        prompts (`list[str]`), seeds (`list[int]`): one per sample.
+        prompts (`list[str]`), seeds (`list[int | tuple[int, int]]`): one per sample (see [`generate`]).
         sigmas (`torch.Tensor` of shape `[T + 1]`): the full schedule, ending at 0.
         step_indices (`torch.Tensor` of shape `[K]`): the stochastic (recorded) steps, contiguous.
         latents (`torch.Tensor` of shape `[B, K + 1, C, h, w]`): states through the recorded window:
@@ -38,7 +39,7 @@ class Trajectory:
     """
 
     prompts: list[str]
-    seeds: list[int]
+    seeds: list[int | tuple[int, int]]
     sigmas: torch.Tensor
     step_indices: torch.Tensor
     latents: torch.Tensor
@@ -96,11 +97,26 @@ def _pad(rows: list, size: int) -> list:
     return rows + [rows[-1]] * (size - len(rows))
 
 
+def _generators(seeds: list[int | tuple[int, int]]) -> tuple[list[torch.Generator], list[torch.Generator]]:
+    """The generators of the initial noise and of the step noise of each sample: one generator for both from an
+    integer seed, two from an `(initial, steps)` pair."""
+    initial, steps = [], []
+    for seed in seeds:
+        if isinstance(seed, (tuple, list)):
+            initial.append(torch.Generator("cpu").manual_seed(int(seed[0])))
+            steps.append(torch.Generator("cpu").manual_seed(int(seed[1])))
+        else:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+            initial.append(generator)
+            steps.append(generator)
+    return initial, steps
+
+
 @torch.no_grad()
 def generate(
     policy: FlowPolicy,
     prompts: list[str],
-    seeds: list[int],
+    seeds: list[int | tuple[int, int]],
     *,
     height: int,
     width: int,
@@ -118,7 +134,9 @@ def generate(
 
     Args:
         policy ([`FlowPolicy`]).
-        prompts (`list[str]`), seeds (`list[int]`): one seed per sample.
+        prompts (`list[str]`), seeds (`list[int | tuple[int, int]]`): one seed per sample: an integer seeds the
+            sample's one generator (initial noise, then step noise); a pair `(initial, steps)` seeds the initial
+            noise and the step noise apart (samples with the same `initial` start from the same noise).
         height, width (`int`): image size in pixels.
         num_steps (`int`): denoising steps `T`.
         sde_type (`str`, defaults to `"ode"`): `"ode"` (deterministic Euler), `"sde"` (Flow-GRPO) or `"cps"`.
@@ -157,10 +175,10 @@ def generate(
     for first in range(0, len(prompts), micro_batch_size):
         rows = list(range(first, min(first + micro_batch_size, len(prompts))))
         padded = _pad(rows, micro_batch_size)
-        generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in padded]
+        initial_generators, generators = _generators([seeds[i] for i in padded])
         chunk_cond = cond.select(padded)
         chunk_neg = negative_cond.select(padded) if use_cfg else None
-        latents = policy.initial_noise(height, width, generators)
+        latents = policy.initial_noise(height, width, initial_generators)
         states, log_probs, means = [], [], []
         for step in range(num_steps):
             sigma, sigma_next = sigmas[step], sigmas[step + 1]

@@ -19,13 +19,14 @@ class Stream(enum.IntEnum):
     """The random streams; each is the first key after the seed in [`derive_seed`]. The numbers are part of the
     results (changing one changes every draw of that stream), so new streams get new numbers."""
 
-    SAMPLE_NOISE = 0  # GRPO: a rollout sample's initial and step noise; keys (global step, sample index)
+    SAMPLE_NOISE = 0  # a rollout sample's initial and step noise; keys (global step, global sample index)
     SDE_WINDOW = 1  # GRPO: the stochastic window of a rollout batch; keys (global step,)
     TRAINED_STEPS = 2  # GRPO: the recorded steps a micro-batch trains on; keys (global step, micro-batch)
     EVALUATION = 3  # evaluation draws; keys (index of the sample or eval batch,)
     DATA_ORDER = 4  # the order of the training data; keys (epoch,)
     MICRO_BATCH = 5  # a training micro-batch's prompt dropout, sigmas and noise; keys (global micro-batch,)
     LORA_INIT = 6  # the initial LoRA weights; no keys
+    GROUP_NOISE = 7  # `same_noise_per_group`: a group's shared initial noise; keys (global step, global group index)
 
 
 def derive_seed(*keys: int) -> int:

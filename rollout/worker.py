@@ -35,7 +35,7 @@ class RolloutTask:
 
     Args:
         indices (`list[int]`): positions of these samples in the rollout batch.
-        prompts (`list[str]`), seeds (`list[int]`): one per sample.
+        prompts (`list[str]`), seeds (`list[int | tuple[int, int]]`): one per sample.
         sampling (`dict`): keyword arguments of [`~rlhf_image.sampling.generate`] (height, width, num_steps,
             sde_type, noise_level, window, guidance_scale, micro_batch_size).
         version (`int`): the weight sync (engine-side count) the samples must be drawn with.
@@ -43,7 +43,7 @@ class RolloutTask:
 
     indices: list[int]
     prompts: list[str]
-    seeds: list[int]
+    seeds: list[int | tuple[int, int]]
     sampling: dict[str, Any]
     version: int
 

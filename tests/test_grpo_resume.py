@@ -1,4 +1,5 @@
-"""Resume is exact: 4 steps straight == 2 steps, stop, new trainer, resume, 2 steps (losses, rewards, weights)."""
+"""Resume is exact: 4 steps straight == 2 steps, stop, new trainer, resume, 2 steps (losses, rewards, weights, the
+EMA)."""
 
 import json
 import os
@@ -25,11 +26,12 @@ class StopAt(TrainerCallback):
 
 
 def make_trainer(output_dir, use_lora, callbacks=None):
-    # Two passes per rollout batch, a window, half the steps trained, KL, a decaying learning rate: every
-    # piece of state a resume must restore is in play.
+    # Two passes per rollout batch, a window, half the steps trained, KL, a decaying learning rate, an EMA with
+    # the step-dependent warm-up: every piece of state a resume must restore is in play.
     args = tiny_config(output_dir, max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2,
                        num_inference_steps=4, sde_window_size=2, sde_window_range=[0, 4], timestep_fraction=0.5,
-                       beta=0.05, lr_scheduler_type="linear", learning_rate=2e-2)
+                       beta=0.05, lr_scheduler_type="linear", learning_rate=2e-2, use_ema=True, ema_decay=0.5,
+                       ema_warmup=True)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS) if use_lora else None
     return GRPOTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), peft_config=peft_config,
                        callbacks=callbacks)
@@ -53,7 +55,8 @@ def test_resume_continues_exactly(tmp_path, use_lora):
     assert first.state.global_step == 2
     checkpoint = tmp_path / "split" / "checkpoint-2"
     weight_file = "adapter_model.safetensors" if use_lora else "model.safetensors"
-    for name in (weight_file, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in (weight_file, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                 "ema.safetensors"):
         assert os.path.isfile(checkpoint / name), name
     # The running counts live in the Trainer's own state, as a stateful callback (no file of the trainer's own).
     state = json.load(open(checkpoint / "trainer_state.json"))
@@ -70,4 +73,6 @@ def test_resume_continues_exactly(tmp_path, use_lora):
     final_expected, final_got = weights(straight), weights(resumed)
     assert final_expected.keys() == final_got.keys()
     assert all(torch.equal(final_expected[n], final_got[n]) for n in final_expected)
+    assert straight.ema.shadow.keys() == final_got.keys()
+    assert all(torch.equal(straight.ema.shadow[n], resumed.ema.shadow[n]) for n in final_got)
     assert any(not torch.equal(final_got[n], weights(make_trainer(tmp_path / "fresh", use_lora))[n]) for n in final_got)
