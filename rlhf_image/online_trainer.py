@@ -11,10 +11,10 @@ the sampler's log-probs gets them bit for bit. A method's trainer subclasses it 
 
 Determinism (the streams of `rlhf_image.seeding`): every sample's noise comes from its own seed, derived from
 `(args.seed, SAMPLE_NOISE, global step at sampling, process index * rollout batch + index)` (with
-`same_noise_per_group` its initial noise from `(args.seed, GROUP_NOISE, global step, global group index)`); the SDE window from
-`(args.seed, SDE_WINDOW, global step)`; the prompt order is a permutation derived from `(args.seed, DATA_ORDER,
-epoch)`. So a run resumed from a checkpoint (taken at a rollout boundary) continues exactly as if it had never
-stopped.
+`same_noise_per_group` its initial noise from `(args.seed, GROUP_NOISE, global step, global group index)`); the SDE
+window from `(args.seed, SDE_WINDOW, global step)`; the prompt order is a permutation derived from `(args.seed,
+DATA_ORDER, epoch)`. So a run resumed from a checkpoint (taken at a rollout boundary) continues exactly as if it had
+never stopped.
 
 Logged every `logging_steps` (through `Trainer.log`, so wandb and the other integrations get them):
 `rewards/<name>/{mean,std}` per reward and `rewards/total/{mean,std}`, `rewards/unscored` (samples with a
@@ -58,6 +58,7 @@ from .seeding import Stream, derive_seed
 logger = logging.get_logger(__name__)
 
 STAT_TRACKER_FILE = "stat_tracker.json"  # in a checkpoint, with `per_prompt_stat_tracking`
+
 
 class GroupedPromptSampler(Sampler[int]):
     """Dataset indices for rollouts: each rollout takes `num_prompts` prompts of a permutation derived from
@@ -178,8 +179,7 @@ class OnlineTrainer(BaseTrainer):
         self._last_logged_step = 0
         self.stat_tracker: PerPromptStatTracker | None = None
         if args.per_prompt_stat_tracking:
-            self.stat_tracker = PerPromptStatTracker(scale_by_std=args.scale_rewards != "none",
-                                                     batch_std=args.scale_rewards == "batch", clip=args.advantage_clip)
+            self.stat_tracker = PerPromptStatTracker(**self._advantage_options())
         self._tracked_epoch = -1
 
     # --- data ------------------------------------------------------------------------------------
@@ -247,8 +247,6 @@ class OnlineTrainer(BaseTrainer):
 
         per_reward = batch.per_reward.double().cpu().numpy()
         total = aggregate(per_reward, self.reward_weights, args.reward_aggregation)
-        if self.stat_tracker is not None:
-            self._track_epoch(step)
         advantages = self.compute_advantages(torch.from_numpy(total), group_ids, prompts)
         self._log_rollout(step, trajectory, per_reward, total, group_ids, advantages, seeds, batch.timings)
 
@@ -262,9 +260,9 @@ class OnlineTrainer(BaseTrainer):
         `per_prompt_stat_tracking` and `advantage_clip` say. Every process calls it (the batch std and the tracker
         gather every process's rewards)."""
         args = self.args
-        options = {"scale_by_std": args.scale_rewards != "none", "batch_std": args.scale_rewards == "batch",
-                   "clip": args.advantage_clip}
+        options = self._advantage_options()
         if self.stat_tracker is not None:
+            self._track_epoch(self.state.global_step)
             everyone = self._gather_rewards(total)
             all_prompts = gather_object(list(prompts)) if args.world_size > 1 else list(prompts)
             start = self.accelerator.process_index * len(total)
@@ -273,6 +271,12 @@ class OnlineTrainer(BaseTrainer):
             return advantages
         batch_rewards = self._gather_rewards(total) if options["batch_std"] else None
         return group_advantages(total, group_ids, batch_rewards=batch_rewards, **options)
+
+    def _advantage_options(self) -> dict[str, Any]:
+        """`scale_rewards` and `advantage_clip` as the options of `group_advantages` and the tracker."""
+        args = self.args
+        return {"scale_by_std": args.scale_rewards != "none", "batch_std": args.scale_rewards == "batch",
+                "clip": args.advantage_clip}
 
     def _gather_rewards(self, total: torch.Tensor) -> torch.Tensor:
         """Every process's `total` (`[N]` each), concatenated in process order: `[world_size * N]`, float64."""

@@ -132,8 +132,8 @@ class InProcessRolloutEngine:
             raise ValueError("InProcessRolloutEngine samples with the policy given to `bind`; pass that policy")
         self.version = version
 
-    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
-                window: tuple[int, int]) -> RolloutBatch:
+    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]],
+                spec: RolloutSpec, window: tuple[int, int]) -> RolloutBatch:
         if self.policy is None or self.reward_set is None:
             raise RuntimeError("call `bind` before `rollout`")
         timings = {}
@@ -209,8 +209,8 @@ class SharedRolloutEngine:
         if self.engine is not None:
             self.engine.sync_weights(policy, version)
 
-    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
-                window: tuple[int, int]) -> RolloutBatch:
+    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]],
+                spec: RolloutSpec, window: tuple[int, int]) -> RolloutBatch:
         import torch.distributed as dist
 
         requests = [None] * self.world_size if self.rank == 0 else None

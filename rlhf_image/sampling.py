@@ -2,8 +2,8 @@
 
 Determinism: every sample owns a `torch.Generator` seeded with its seed, which draws its initial noise
 and then its step noise in order (a seed given as a pair `(initial, steps)` seeds one generator for the initial
-noise and another for the steps, so that samples can share a start and differ in their steps); and the transformer is always called on micro-batches of exactly
-`micro_batch_size` rows (the last one padded), because matrix kernels give bit-different rows for
+noise and another for the steps, so that samples can share a start and differ in their steps); and the
+transformer is always called on micro-batches of exactly `micro_batch_size` rows (the last one padded), because matrix kernels give bit-different rows for
 different batch sizes. So sample `i` is bit-identical whatever batch or position it is generated in,
 and a trainer that recomputes log-probs on micro-batches of the same size gets a ratio of exactly 1.
 """

@@ -276,8 +276,8 @@ class RayRolloutEngine:
         self._drop_snapshots()
         self.last_sync_seconds = time.perf_counter() - start
 
-    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
-                window: tuple[int, int]) -> RolloutBatch:
+    def rollout(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]],
+                spec: RolloutSpec, window: tuple[int, int]) -> RolloutBatch:
         """Sample and score one batch (see `rlhf_image.rollout_engine.RolloutEngine.rollout`)."""
         return self.collect(self.submit(prompts, seeds, columns, spec, window))
 
@@ -301,8 +301,8 @@ class RayRolloutEngine:
         self.session.shutdown()
 
     # --- split submission and collection (one-step off-policy) ---------------------------------------
-    def submit(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]], spec: RolloutSpec,
-               window: tuple[int, int]) -> RolloutHandle:
+    def submit(self, prompts: list[str], seeds: list[int | tuple[int, int]], columns: dict[str, list[Any]],
+               spec: RolloutSpec, window: tuple[int, int]) -> RolloutHandle:
         """Queue a rollout on the workers with the latest synced weights and return at once."""
         self._check_open()
         if self._policy is None:
