@@ -19,6 +19,8 @@ _EXPORTS = {
     "OnlineTrainer": "online_trainer",
     "GRPOConfig": "grpo_config",
     "GRPOTrainer": "grpo_trainer",
+    "NFTConfig": "nft_config",
+    "NFTTrainer": "nft_trainer",
     "DPOConfig": "dpo_config",
     "DPOTrainer": "dpo_trainer",
     "FlowMatchingConfig": "fm_config",

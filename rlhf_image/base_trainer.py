@@ -386,7 +386,7 @@ class BaseTrainer(Trainer):
         """Files every complete checkpoint of this trainer holds (relative paths); a method that writes its own
         state file in [`save_extra_state`] adds it, so that a checkpoint without it is never resumed from."""
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        # Under ZeRO-3 each rank writes its own EMA shard (see `_ema_file`).
+        # Under ZeRO-3 each rank writes its own EMA shard (see `_averaged_file`).
         return [TRAINER_STATE, *([EMA_FILE] if self.args.use_ema and not zero3 else [])]
 
     def _get_output_dir(self, trial) -> str:
@@ -431,36 +431,46 @@ class BaseTrainer(Trainer):
         into `checkpoint_dir`. Called on every process at each checkpoint (write on `args.should_save`, unless each
         process owns a shard); [`load_extra_state`] reads it back. The base writes the EMA; a subclass that adds
         state calls `super()` and lists its files in [`checkpoint_files`]."""
-        if self.ema is None:
-            return
-        name, writes = self._ema_file()
-        if writes:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            safetensors.torch.save_file(self.ema.state_dict(), os.path.join(checkpoint_dir, name))
+        if self.ema is not None:
+            self.save_averaged_weights(self.ema, EMA_FILE, checkpoint_dir)
 
     def load_extra_state(self, checkpoint_dir: str) -> None:
         """Read back what [`save_extra_state`] wrote, on every process, when resuming from `checkpoint_dir` (the
         EMA is read when it is built, at the start of training)."""
 
-    # --- EMA ----------------------------------------------------------------------------------------
-    def _ema_file(self) -> tuple[str, bool]:
-        """The EMA file name of this rank in a checkpoint, and whether this rank writes it."""
-        if any(is_zero3_partitioned(p) for p in self.ema.params.values()):  # each rank holds its partitions
-            return f"ema-rank{self.args.process_index:05d}-of-{self.args.world_size:05d}.safetensors", True
-        return EMA_FILE, self.args.should_save
+    # --- EMA and other averaged weights -------------------------------------------------------------
+    def _averaged_file(self, averaged: EMAModel, name: str) -> tuple[str, bool]:
+        """The file of `averaged`'s weights (`name`, e.g. `ema.safetensors`) this rank writes in a checkpoint, and
+        whether this rank writes it: under ZeRO-3 every rank writes its partitions to its own file."""
+        if any(is_zero3_partitioned(p) for p in averaged.params.values()):
+            stem = name.removesuffix(".safetensors")
+            return f"{stem}-rank{self.args.process_index:05d}-of-{self.args.world_size:05d}.safetensors", True
+        return name, self.args.should_save
+
+    def save_averaged_weights(self, averaged: EMAModel, name: str, checkpoint_dir: str) -> None:
+        """Write `averaged` (an [`~rlhf_image.ema.EMAModel`]: the EMA, an old policy) into `checkpoint_dir` as
+        `name` (per-rank files under ZeRO-3)."""
+        file, writes = self._averaged_file(averaged, name)
+        if writes:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            safetensors.torch.save_file(averaged.state_dict(), os.path.join(checkpoint_dir, file))
+
+    def load_averaged_weights(self, averaged: EMAModel, name: str, checkpoint_dir: str) -> None:
+        """Restore `averaged` from what [`save_averaged_weights`] wrote into `checkpoint_dir`."""
+        path = os.path.join(checkpoint_dir, self._averaged_file(averaged, name)[0])
+        if not os.path.isfile(path):  # a ZeRO-3 shard (the other files are required by `checkpoint_files`)
+            raise CheckpointError(f"{checkpoint_dir} has no {os.path.basename(path)}: this rank's weights cannot be "
+                                  "restored. Resume with the world size it was saved with")
+        device = str(local_tensor(next(iter(averaged.params.values()))).device)
+        averaged.load_state_dict(safetensors.torch.load_file(path, device=device))
 
     def _setup_ema(self) -> None:
         """Build [`ema`] from the trained weights (restored from `resume_checkpoint` when resuming)."""
         args = self.args
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self.ema = EMAModel(named, args.ema_decay, warmup=args.ema_warmup, update_every=args.ema_update_every)
-        if self.resume_checkpoint is None:
-            return
-        path = os.path.join(self.resume_checkpoint, self._ema_file()[0])
-        if not os.path.isfile(path):  # a ZeRO-3 shard (the other files are required by `checkpoint_files`)
-            raise CheckpointError(f"{self.resume_checkpoint} has no {os.path.basename(path)}: this rank's EMA "
-                                  "cannot be restored. Resume with the world size it was saved with")
-        self.ema.load_state_dict(safetensors.torch.load_file(path, device=str(local_tensor(named[0][1]).device)))
+        if self.resume_checkpoint is not None:
+            self.load_averaged_weights(self.ema, EMA_FILE, self.resume_checkpoint)
 
     def saved_weights(self):
         """Context in which the weights are those to evaluate and save: the EMA, when enabled (`use_ema`), swapped

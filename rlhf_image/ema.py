@@ -66,10 +66,16 @@ class EMAModel:
         of `update_every`. Returns whether it did."""
         if step % self.update_every:
             return False
-        decay = self.current_decay(step)
+        self.update(self.current_decay(step))
+        return True
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """`shadow <- decay * shadow + (1 - decay) * param` for every parameter (its local partition)."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
         for name, param in self.params.items():
             self.shadow[name].mul_(decay).add_(local_tensor(param).float(), alpha=1.0 - decay)
-        return True
 
     @contextmanager
     def applied(self):

@@ -11,7 +11,6 @@ policy (`step_kl`). The trained steps of micro-batch `m` are drawn from `(args.s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -91,15 +90,9 @@ class GRPOTrainer(OnlineTrainer):
 
     # --- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference.
-
-        One backward per trained step: every step but the last is backpropagated here, as soon as its loss is
-        computed (its autograd graph is freed before the next step's forward), and the returned loss carries the
-        last step's graph plus the others' detached values, for the `Trainer`'s own backward (which also does the
-        gradient synchronisation and, under DeepSpeed, the engine step). Peak activation memory is that of one
-        step's graph, whatever the number of trained steps; the gradient is the sum of the same terms as one
-        backward through all of them.
-        """
+        """Mean over the trained steps of the clipped GRPO surrogate plus `beta` * KL to the reference, with one
+        backward per trained step ([`~rlhf_image.online_trainer.OnlineTrainer.backward_by_parts`]): peak activation
+        memory is that of one step's graph, whatever the number of trained steps."""
         args = self.args
         if inputs.get("skip"):
             return self.skipped_micro_batch_loss(model)
@@ -107,23 +100,17 @@ class GRPOTrainer(OnlineTrainer):
         advantages: torch.Tensor = inputs["advantages"]
         guidance = trajectory.guidance_scale if args.train_with_cfg else 1.0
         steps = self._train_steps(trajectory.log_probs.shape[1], inputs["micro_index"])
-        done = torch.zeros((), device=args.device)  # the losses of the steps already backpropagated (detached)
         ratios, stats_list, kls = [], [], []
-        for position, j in enumerate(steps):
-            last = position == len(steps) - 1
-            with nullcontext() if last else self._no_gradient_sync(model):
-                step_loss, stats, kl = self._step_loss(model, trajectory, j, advantages, guidance)
-                step_loss = step_loss / len(steps)
-                if not last and step_loss.requires_grad:
-                    self._backward_now(model, step_loss)
-                    step_loss = step_loss.detach()
-                if not last:
-                    done = done + step_loss
+
+        def step_loss(position: int) -> torch.Tensor:
+            loss, stats, kl = self._step_loss(model, trajectory, steps[position], advantages, guidance)
             ratios.append(stats["ratio"])
             stats_list.append(stats)
             if kl is not None:
                 kls.append(kl)
-        loss = step_loss + done
+            return loss
+
+        loss = self.backward_by_parts(model, len(steps), step_loss)
 
         ratio = torch.cat(ratios)
         stats = {"ratio/mean": ratio.mean(), "ratio/min": ratio.min(), "ratio/max": ratio.max(),
@@ -170,22 +157,6 @@ class GRPOTrainer(OnlineTrainer):
         kl = step_kl(mean, reference_mean, std, args.kl_convention, dt=dt if flow_grpo_sde else None)
         return loss + args.beta * kl.mean(), stats, kl.detach()
 
-    def _no_gradient_sync(self, model):
-        """Context for a step backpropagated inside `compute_loss`: DDP accumulates its gradient locally (the
-        all-reduce happens once, in the `Trainer`'s backward of the micro-batch's last step)."""
-        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
-
-    def _backward_now(self, model, loss: torch.Tensor) -> None:
-        """Backward of one step's share of the loss, scaled as the `Trainer` scales the loss it backpropagates,
-        without the optimizer step: under DeepSpeed the engine's backward off the accumulation boundary (ZeRO
-        reduces and accumulates each backward's gradients), else the accelerator's (mixed-precision scaling)."""
-        loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
-        if self.is_deepspeed_enabled:
-            model.set_gradient_accumulation_boundary(False)
-            model.backward(loss, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss)
-
     def _on_policy_ratio_mismatch(self, ratio_min: float, ratio_max: float) -> None:
         self.counters["ratio/on_policy_mismatch_total"] += 1
         message = (f"on-policy importance ratio is not exactly 1 (min {ratio_min!r}, max {ratio_max!r}): training "
@@ -195,7 +166,6 @@ class GRPOTrainer(OnlineTrainer):
             raise RuntimeError(message)
         if self.counters["ratio/on_policy_mismatch_total"] == 1:
             logger.warning(message)
-
 
     def _count_train_flops(self, trajectory: Trajectory, num_steps: int, cfg: bool) -> None:
         # Forward + backward = 3 forwards per call; the reference adds one forward.

@@ -14,7 +14,7 @@ refer to those files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -201,20 +201,13 @@ def old_policy_decay(step: int, *, rate: float = 0.001, max_decay: float = 0.5, 
     """The soft-update decay `eta` of the old policy after `step` optimizer steps (DiffusionNFT Sec. 3.3 "Soft
     Update", Appendix C: `eta_i = min(0.001 i, 0.5)`; code `return_decay`, lines 169-189: `0` before `flat_steps`,
     then `min(rate (step - flat_steps), max_decay)`; its OCR schedule is `flat_steps=75, rate=0.0075,
-    max_decay=0.999`). `eta = 0` makes the old policy a copy of the current one (on-policy)."""
+    max_decay=0.999`). `eta = 0` makes the old policy a copy of the current one (on-policy). The update itself,
+    `old <- eta old + (1 - eta) param` (Algorithm 1 line 14; code lines 1034-1039), is
+    [`~rlhf_image.ema.EMAModel.update`]."""
     if step < 0 or rate < 0 or not 0 <= max_decay < 1 or flat_steps < 0:
         raise ValueError(f"need step >= 0, rate >= 0, 0 <= max_decay < 1, flat_steps >= 0; got step={step}, "
                          f"rate={rate}, max_decay={max_decay}, flat_steps={flat_steps}")
     return 0.0 if step < flat_steps else min(rate * (step - flat_steps), max_decay)
-
-
-@torch.no_grad()
-def soft_update_(old_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
-    """In place `old <- decay old + (1 - decay) param` (DiffusionNFT Algorithm 1 line 14; code lines 1034-1039)."""
-    if not 0 <= decay <= 1:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    for old, param in zip(old_params, params, strict=True):
-        old.mul_(decay).add_(param.detach().to(old.dtype), alpha=1 - decay)
 
 
 def random_schedule_sigmas(sigmas: torch.Tensor, batch_size: int, count: int,

@@ -33,6 +33,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from typing import Any
 
@@ -228,11 +229,12 @@ class OnlineTrainer(BaseTrainer):
         if args.same_noise_per_group:  # (initial, steps) pairs: a group's initial noise from its global index
             seeds = [(derive_seed(args.seed, Stream.GROUP_NOISE, step, (offset + i) // args.num_generations), seed)
                      for i, seed in enumerate(seeds)]
-        self.rollout_engine.sync_weights(self.policy, version=step)
-        try:
-            batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
-        except RewardError as error:
-            raise RewardError(f"{self.method_name} step {step + 1}: {error}") from error
+        with self.rollout_weights():
+            self.rollout_engine.sync_weights(self.policy, version=step)
+            try:
+                batch = self.rollout_engine.rollout(prompts, seeds, columns, self.spec, self._window(step))
+            except RewardError as error:
+                raise RewardError(f"{self.method_name} step {step + 1}: {error}") from error
         if batch.weights_version != step:
             raise RuntimeError(f"the rollout engine sampled with weights version {batch.weights_version}, expected "
                                f"{step}: an online update trains on samples of the current weights")
@@ -321,6 +323,12 @@ class OnlineTrainer(BaseTrainer):
             self._tracked_epoch = state.pop("epoch")
             self.stat_tracker.load_state_dict(state)
 
+    def rollout_weights(self):
+        """Context in which the policy's weights are those that sample the training rollouts: the trained weights
+        (on-policy) by default; a method that collects data with another policy (DiffusionNFT's old policy)
+        swaps it in here. The rollout engine is synced inside it."""
+        return nullcontext()
+
     def zero_advantage_is_free(self) -> bool:
         """Whether the method's loss has exactly zero gradient on a micro-batch whose advantages are all 0, so that
         skipping it changes nothing (`args.skip_zero_advantage`). No by default; GRPO says yes when `beta == 0`."""
@@ -348,6 +356,48 @@ class OnlineTrainer(BaseTrainer):
         every trainable parameter, so the optimizer (moments included) and DeepSpeed's gradient hooks see what the
         computed micro-batch would have given them."""
         return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
+
+    def backward_by_parts(self, model: torch.nn.Module, num_parts: int,
+                          part_loss: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """A micro-batch's loss `sum_k part_loss(k) / num_parts` (its trained timesteps, say), with one backward per
+        part: every part but the last is backpropagated here as soon as its loss is computed (its autograd graph is
+        freed before the next part's forward), and the returned loss carries the last part's graph plus the others'
+        detached values, for the `Trainer`'s own backward (which also does the gradient synchronisation and, under
+        DeepSpeed, the engine step). Peak activation memory is that of one part; the gradient is that of one
+        backward through all of them.
+
+        Args:
+            model (`torch.nn.Module`): the module `compute_loss` was handed (DDP / DeepSpeed wrapper).
+            num_parts (`int`).
+            part_loss (`Callable[[int], torch.Tensor]`): the scalar loss of part `k` (it may record statistics).
+        """
+        done = torch.zeros((), device=self.args.device)  # the parts already backpropagated (detached)
+        for k in range(num_parts):
+            last = k == num_parts - 1
+            with nullcontext() if last else self._no_gradient_sync(model):
+                loss = part_loss(k) / num_parts
+                if not last and loss.requires_grad:
+                    self._backward_now(model, loss)
+                    loss = loss.detach()
+                if not last:
+                    done = done + loss
+        return loss + done
+
+    def _no_gradient_sync(self, model):
+        """DDP accumulates a part's gradient locally (the all-reduce happens once, in the `Trainer`'s backward of
+        the last part)."""
+        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+
+    def _backward_now(self, model, loss: torch.Tensor) -> None:
+        """Backward of one part, scaled as the `Trainer` scales the loss it backpropagates, without the optimizer
+        step: under DeepSpeed the engine's backward off the accumulation boundary (ZeRO reduces and accumulates
+        each backward's gradients), else the accelerator's (mixed-precision scaling)."""
+        loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
+        if self.is_deepspeed_enabled:
+            model.set_gradient_accumulation_boundary(False)
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
 
     def _window(self, step: int) -> tuple[int, int]:
         """The stochastic steps `[start, end)` of the rollout sampled at `step` (Flow-GRPO-Fast); none for ODE."""

@@ -1,4 +1,4 @@
-"""Shared pieces of the GRPO tests: verifiable rewards, prompts, and a tiny CPU config."""
+"""Shared pieces of the online-RL tests (GRPO, DiffusionNFT / AWM): verifiable rewards, prompts, tiny CPU configs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from tiny_models import MAX_SEQUENCE_LENGTH, tiny_flux_pipeline
 
 from rlhf_image.recipes.ovis_image.model import ovis_image_tiny, ovis_prefix_tokenizer
-from rlhf_image import GRPOConfig
+from rlhf_image import GRPOConfig, NFTConfig
 from rlhf_image.policy import FlowPolicy
 
 PROMPTS = ["a cat", "a dog", "a red house", "the sea", "a tree", "the sun", "a car", "a boat"]
@@ -44,7 +44,7 @@ def dataset(n: int = len(PROMPTS)) -> list[dict]:
     return [{"prompt": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" {i}")} for i in range(n)]
 
 
-def tiny_config(output_dir, **overrides) -> GRPOConfig:
+def tiny_config(output_dir, config_class=GRPOConfig, **overrides) -> GRPOConfig:
     """Two prompts x four images per step at 32x32 px, four denoising steps, on the CPU."""
     values = dict(
         output_dir=str(output_dir), use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
@@ -53,7 +53,12 @@ def tiny_config(output_dir, **overrides) -> GRPOConfig:
         lr_scheduler_type="constant", save_strategy="no", log_samples_steps=0, logging_steps=1,
     )
     values.update(overrides)
-    return GRPOConfig(**values)
+    return config_class(**values)
+
+
+def tiny_nft_config(output_dir, **overrides) -> NFTConfig:
+    """[`tiny_config`] for the NFT trainer: ODE rollouts, and AWM's two strata fit the four-step schedule."""
+    return tiny_config(output_dir, NFTConfig, **{"awm_num_timesteps": 2, **overrides})
 
 
 def logged(trainer, key: str) -> list[float]:

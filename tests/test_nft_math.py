@@ -8,7 +8,8 @@ import torch
 from rlhf_image.losses import flow_matching_loss
 from rlhf_image.nft import (adaptive_x0_error, awm_error, awm_loss, implicit_velocities, nft_loss,
                             normalized_advantages, old_policy_decay, optimality_probability, random_schedule_sigmas,
-                            soft_update_, stratified_schedule_sigmas)
+                            stratified_schedule_sigmas)
+from rlhf_image.ema import EMAModel
 
 
 def test_optimality_probability_hand_values():
@@ -176,16 +177,19 @@ def test_old_policy_decay_schedules():
 
 
 def test_soft_update_hand_values():
-    old, new = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
-    soft_update_(old, new, 0.25)
-    assert old[0].tolist() == [2.5, 5.0]  # 0.25 * [1, 2] + 0.75 * [3, 6]
-    soft_update_(old, new, 0.0)
-    assert old[0].tolist() == [3.0, 6.0]  # eta = 0: a copy
-    keep = [torch.tensor([7.0])]
-    soft_update_(keep, [torch.tensor([0.0])], 1.0)
-    assert keep[0].tolist() == [7.0]
+    # The old policy is an EMAModel updated with the schedule's decay: old <- eta old + (1 - eta) param.
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    old = EMAModel([("w", param)], decay=0.0)
+    param.data.copy_(torch.tensor([3.0, 6.0]))
+    old.update(0.25)
+    assert old.shadow["w"].tolist() == [2.5, 5.0]  # 0.25 * [1, 2] + 0.75 * [3, 6]
+    old.update(0.0)
+    assert old.shadow["w"].tolist() == [3.0, 6.0]  # eta = 0: a copy
+    param.data.zero_()
+    old.update(1.0)
+    assert old.shadow["w"].tolist() == [3.0, 6.0]
     with pytest.raises(ValueError):
-        soft_update_(old, new, 1.5)
+        old.update(1.5)
 
 
 def test_random_schedule_sigmas_are_distinct_schedule_steps_per_sample():
