@@ -5,8 +5,9 @@ The rollouts, rewards and advantages are [`~rlhf_image.online_trainer.OnlineTrai
 deterministic ODE by default) and no log-probabilities: only the clean final latents `x0` of each sample are kept.
 Each micro-batch trains on forward-noised copies `x_t = (1 - s) x0 + s eps` at noise levels of the sampling
 schedule (`NFTConfig.num_train_timesteps` of them per sample, each with fresh noise), conditional predictions only
-(no CFG in training), one backward per noise level. The noise levels and the noise of micro-batch `m` come from
-`(args.seed, MICRO_BATCH, global micro-batch)`, so a resumed run draws what an uninterrupted one drew.
+(no CFG in training), one backward per noise level. The noise levels and the noise of micro-batch `m` of process
+`p` come from `(args.seed, NOISED_COPIES, global step, p * gradient_accumulation_steps + m)`: a resumed run draws what
+an uninterrupted one drew, and two processes what one process accumulating their micro-batches draws.
 
 DiffusionNFT keeps an *old policy*: a soft copy of the trained weights (an [`~rlhf_image.ema.EMAModel`] updated
 after each rollout batch's last optimizer step with the decay of [`~rlhf_image.nft.old_policy_decay`]). It samples
@@ -160,7 +161,9 @@ class NFTTrainer(OnlineTrainer):
         trajectory: Trajectory = inputs["trajectory"]
         # A / clip in [-1, 1]: AWM's weight, and r = (1 + a) / 2 for DiffusionNFT.
         normalized = (inputs["advantages"].float() / args.advantage_clip).clamp(-1.0, 1.0)
-        generator = self.generator(Stream.MICRO_BATCH, self.global_micro_batch)
+        # Keyed by the samples the micro-batch holds, so 2 processes draw what 1 process accumulating both draws.
+        micro_batch = self.args.process_index * self.args.gradient_accumulation_steps + inputs["micro_index"]
+        generator = self.generator(Stream.NOISED_COPIES, self.state.global_step, micro_batch)
         sigmas = self.train_sigmas(trajectory, generator)
         x0 = trajectory.final_latents.float()
         stats: dict[str, list[torch.Tensor]] = {}

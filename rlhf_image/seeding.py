@@ -27,6 +27,8 @@ class Stream(enum.IntEnum):
     MICRO_BATCH = 5  # a training micro-batch's prompt dropout, sigmas and noise; keys (global micro-batch,)
     LORA_INIT = 6  # the initial LoRA weights; no keys
     GROUP_NOISE = 7  # `same_noise_per_group`: a group's shared initial noise; keys (global step, global group index)
+    NOISED_COPIES = 8  # forward-process RL: a micro-batch's noise levels and noise; keys (global step, micro-batch
+    # index in the rollout batch of every process: process index * gradient_accumulation_steps + micro index)
 
 
 def derive_seed(*keys: int) -> int:

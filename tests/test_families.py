@@ -1,7 +1,8 @@
 """Every built-in family on a tiny random configuration built offline with its real text-encoder classes: sampling at
 noise 0 equals its stock diffusers pipeline (default scheduler settings, its own guidance style) within 1e-5 in
 float32; GRPO (LoRA) with CFG keeps the on-policy ratio exactly 1, and the saved LoRA loaded into a fresh stock
-pipeline predicts what the trained policy predicts; DPO and SFT train two steps."""
+pipeline predicts what the trained policy predicts; DiffusionNFT trains two steps (its old policy moving between
+them) and its saved LoRA loads the same way; DPO and SFT train two steps."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from peft import LoraConfig
 
 import tiny_models as tm
 from rlhf_image import (DPOConfig, DPOTrainer, FlowMatchingConfig, FlowMatchingTrainer, FlowPolicy, GRPOConfig,
-                        GRPOTrainer)
+                        GRPOTrainer, NFTConfig, NFTTrainer)
 from rlhf_image.model_io import load_lora
 from rlhf_image.sampling import generate
 
@@ -136,6 +137,31 @@ def test_grpo_lora_with_cfg_is_on_policy_and_its_lora_loads_in_the_stock_pipelin
 
     fresh = family.build()
     load_lora(fresh, str(tmp_path))  # the pipeline's load_lora_weights (Ovis-Image: the transformer's adapter)
+    reloaded = probe_velocity(policy_of(name, fresh), family.size)
+    assert (reloaded - trained).abs().max() < 1e-5
+    assert (reloaded - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_nft_lora_two_steps_and_its_lora_loads_in_the_stock_pipeline(tmp_path, name):
+    family = FAMILIES[name]
+    policy = policy_of(name, family.build())
+    base = probe_velocity(policy, family.size)
+    args = NFTConfig(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to=[], seed=0, num_generations=2,
+                     per_device_train_batch_size=2, gradient_accumulation_steps=1, resolution=family.size,
+                     num_inference_steps=2, learning_rate=1e-3, save_strategy="no", log_samples_steps=0,
+                     disable_tqdm=True, beta=0.01, old_policy_decay_rate=0.5)
+    trainer = NFTTrainer(policy, red_reward, args=args, peft_config=lora(),
+                         train_dataset=[{"prompt": "a red square"}, {"prompt": "a blue circle"}])
+    trainer.train()
+    losses = [e["loss/policy"] for e in trainer.state.log_history if "loss/policy" in e]
+    deviation = [e["old_deviation"] for e in trainer.state.log_history if "old_deviation" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert deviation[0] == 0.0 and deviation[1] > 0  # the old policy is half a step behind at step 2
+    trainer.save_model(str(tmp_path))
+    trained = probe_velocity(trainer.policy, family.size)
+    fresh = family.build()
+    load_lora(fresh, str(tmp_path))
     reloaded = probe_velocity(policy_of(name, fresh), family.size)
     assert (reloaded - trained).abs().max() < 1e-5
     assert (reloaded - base).abs().max() > 1e-4

@@ -75,7 +75,7 @@ def test_loss_and_gradient_are_the_papers_formulas(tmp_path, loss_type, use_lora
     torch.testing.assert_close(0.5 + 0.5 * advantages / args.advantage_clip, r, rtol=1e-4, atol=1e-5)
 
     # By hand: the noise levels and noise of micro-batch 0, the old/trained/reference velocities, the loss.
-    generator = seeded_generator(args.seed, Stream.MICRO_BATCH, 0)
+    generator = seeded_generator(args.seed, Stream.NOISED_COPIES, 0, 0)
     x0 = trajectory.final_latents.float()
     if loss_type == "nft":
         count = int(0.99 * args.num_inference_steps)
