@@ -25,6 +25,7 @@ COMMANDS = {
     "build-pairs": ("rlhf_image.recipes.ovis_image.stages.build_pairs", "stage 3a: preference pairs scored by rewards"),
     "dpo": ("rlhf_image.recipes.ovis_image.stages.dpo", "stage 3b: Flow-DPO (+ Diffusion-SDPO) on the pairs"),
     "grpo": ("rlhf_image.recipes.ovis_image.stages.grpo", "stage 4: Flow-GRPO with OCR reward and KL to the DPO model"),
+    "nft": ("rlhf_image.recipes.ovis_image.stages.nft", "stage 4 alternative: DiffusionNFT / AWM with OCR reward"),
     "sample": ("rlhf_image.recipes.ovis_image.stages.sample", "prompts -> images from a checkpoint"),
     "eval": ("rlhf_image.recipes.ovis_image.stages.evaluation", "held-out text-rendering metrics and a sample grid"),
     "demo": ("rlhf_image.recipes.ovis_image.demo", "all stages of the tiny model on the CPU, and a report"),

@@ -127,9 +127,11 @@ class NFTConfig(OnlineConfig):
         if self.loss_type == "awm":
             low, high = 1, int(self.timestep_fraction * self.num_inference_steps)
             if not 1 <= self.awm_num_timesteps <= high - low:
+                room = high - low
+                fix = (f"use at most {room}, or raise timestep_fraction (AWM's configs: 0.9) or num_inference_steps"
+                       if room > 0 else "raise timestep_fraction (AWM's configs: 0.9) or num_inference_steps")
                 self.fail("awm_num_timesteps", f"AWM draws it from the steps [{low}, {high}) of the schedule "
-                          f"(timestep_fraction * num_inference_steps = {high})",
-                          f"use at most {max(high - low, 0)} or raise num_inference_steps / timestep_fraction")
+                          f"(high = int(timestep_fraction * num_inference_steps))", fix)
 
     @property
     def num_train_timesteps(self) -> int:

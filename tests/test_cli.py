@@ -28,7 +28,7 @@ CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 def test_usage_lists_every_command(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "sample", "eval", "demo"):
+    for command in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "nft", "sample", "eval", "demo"):
         assert f"  {command} " in out
     assert main(["distill"]) == 2
     assert "unknown command 'distill'" in capsys.readouterr().err

@@ -40,7 +40,8 @@ GRPO_STAGE = "recipes/ovis_image/stages/grpo.py"  # run on Ray workers through t
 # The example files run by this module (each by the test named after it) and by tests/test_grpo_example.py.
 RUN_HERE = ("custom_reward.py", "served_reward.py", "flow_policy_adapter.py", "grpo_ovis_resume.py",
             "dpo_preference_pairs.py", "model_rewards.py")
-RUN_ELSEWHERE = {"grpo_lora_custom_model.py": "test_grpo_example.py"}
+RUN_ELSEWHERE = {"grpo_lora_custom_model.py": "test_grpo_example.py",
+                 "nft_lora_custom_model.py": "test_grpo_example.py"}
 # Shell placeholders of the cluster commands and the values they are parsed with.
 PLACEHOLDERS = {"$NODE_RANK": "0", "$HEAD_ADDR": "10.0.0.1"}
 

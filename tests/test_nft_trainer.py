@@ -267,7 +267,7 @@ def test_saved_model_loads_in_stock_diffusers_with_a_model_card(tmp_path, use_lo
     ({"loss_type": "ppo"}, r"NFTConfig.loss_type='ppo': expected one of \('nft', 'awm'\)"),
     ({"advantage_clip": None}, r"NFTConfig.advantage_clip=None: both losses divide"),
     ({"loss_type": "awm", "awm_num_timesteps": 3}, r"NFTConfig.awm_num_timesteps=3: AWM draws it from the steps "
-                                                   r"\[1, 3\).*Fix: use at most 2"),
+                                                   r"\[1, 3\).*Fix: use at most 2, or raise timestep_fraction"),
     ({"nft_beta": 0.0}, r"NFTConfig.nft_beta=0.0"),
     ({"old_policy_max_decay": 1.0}, r"NFTConfig.old_policy_max_decay=1.0"),
     ({"awm_weighting": "huber"}, r"NFTConfig.awm_weighting='huber'"),

@@ -203,6 +203,28 @@ def test_grpo_with_ocr_reward_resumes(root, pretrain):
     assert rec["global_step"] == 3 and rec["steps_this_run"] == 1 and rec["resumed_from"].endswith("checkpoint-2")
 
 
+def test_nft_with_ocr_reward_resumes_and_its_old_policy_is_checkpointed(root, pretrain):
+    out = root / "nft"
+    args = ["--config", "tiny_nft.yaml", "--model", str(pretrain[0]), "--height", str(SIZE), "--width", str(SIZE),
+            "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--num_inference_steps", "4", "--synthetic_num_samples", "4", "--log_samples_steps", "0",
+            "--output_dir", str(out)]
+    result = cli("nft", *args, *STEPS)
+    assert "=== rlhf-image nft" in result.stdout and "loss_type" in result.stdout
+    rec = record(out)
+    assert rec["global_step"] == 2 and rec["rewards"] == ["ocr"]
+    assert all("rewards/ocr/mean" in e and "loss/positive" in e for e in rec["log_history"] if "loss" in e)
+    assert (out / "checkpoint-2" / "old_policy.safetensors").is_file()
+    assert main(["nft", *args, "--max_steps", "3", "--save_steps", "1", "--resume", "latest"]) == 0
+    rec = record(out)
+    assert rec["global_step"] == 3 and rec["steps_this_run"] == 1 and rec["resumed_from"].endswith("checkpoint-2")
+    # strata in [1, 3); the untrained model's OCR rewards may have no spread: compute the zero-advantage batches too
+    awm = ["--loss_type", "awm", "--timestep_fraction", "0.9", "--awm_num_timesteps", "2", "--skip_zero_advantage",
+           "false"]
+    assert main(["nft", *args, *awm, "--output_dir", str(root / "awm"), *STEPS]) == 0
+    assert all("loss/error" in e for e in record(root / "awm")["log_history"] if "loss" in e)
+
+
 def test_eval_scores_held_out_prompts(root, pretrain):
     out = root / "eval"
     cli("eval", "--config", "tiny_eval.yaml", "--model", str(pretrain[0]), "--synthetic_height", str(SIZE),

@@ -7,6 +7,7 @@ and `cleanup()`, and a `run(...)` that the `rlhf-image` command line and the CPU
     build_pairs  3a. preference pairs: pool image vs SFT sample, scored by rewards
     dpo          3b. Flow-DPO (+ Diffusion-SDPO) on those pairs
     grpo         4. Flow-GRPO with CPS sampling and a KL to the DPO model
+    nft          4'. DiffusionNFT (or AWM) from the DPO model: ODE rollouts, no log-probs (an alternative to grpo)
     evaluation   held-out text-rendering metrics and sample grids (`rlhf-image eval`)
     sample       prompts -> images
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from rlhf_image import GRPOConfig, GRPOTrainer, SharedRolloutEngine
+from rlhf_image import GRPOConfig, GRPOTrainer, OnlineConfig, SharedRolloutEngine
 from rlhf_image.rollout import RayRolloutEngine
 
 from .args import DataArguments, ModelArguments, RecipeArguments, RewardArguments, RolloutArguments
@@ -26,7 +26,7 @@ ARGUMENTS = (ModelArguments, DataArguments, RewardArguments, RecipeArguments, GR
 
 
 def build_rollout_engine(rollout_args: RolloutArguments, model_args: ModelArguments,
-                         config: GRPOConfig | None = None) -> RayRolloutEngine | SharedRolloutEngine | None:
+                         config: OnlineConfig | None = None) -> RayRolloutEngine | SharedRolloutEngine | None:
     """The Ray rollout engine of `rollout_args`, or `None` (`num_rollout_workers=0`: the trainer samples in its own
     process). Each worker builds the stage's input model from `model_args` itself, so `model` must be readable at
     the same path on every node (or be a Hub id cached there); starting it starts or joins Ray. With several trainer
@@ -71,10 +71,17 @@ def describe_engine(engine: RayRolloutEngine | SharedRolloutEngine | None, rollo
 
 
 class GRPORecipe:
+    """The online RL stage: the trainer from the DPO model, rollouts in process or on Ray workers. The NFT stage is
+    this recipe with its own trainer and settings."""
+
     stage = "grpo"
+    trainer_class = GRPOTrainer
+    # The config fields the banner shows.
+    settings = ("num_generations", "num_inference_steps", "image_size", "sde_type", "noise_level", "guidance_scale",
+                "beta", "epsilon", "num_iterations", "timestep_fraction")
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, reward_args: RewardArguments,
-                 recipe_args: RecipeArguments, config: GRPOConfig, rollout_args: RolloutArguments | None = None):
+                 recipe_args: RecipeArguments, config: OnlineConfig, rollout_args: RolloutArguments | None = None):
         self.model_args, self.data_args, self.reward_args = model_args, data_args, reward_args
         self.recipe_args, self.config = recipe_args, config
         self.rollout_args = rollout_args if rollout_args is not None else RolloutArguments()
@@ -82,9 +89,7 @@ class GRPORecipe:
     def setup(self) -> None:
         self.pipe = load_pipeline(self.model_args)
         policy = build_policy(self.pipe, self.model_args)
-        settings = trainer_settings(self.config, "num_generations", "num_inference_steps", "image_size", "sde_type",
-                                    "noise_level", "guidance_scale", "beta", "epsilon", "num_iterations",
-                                    "timestep_fraction")
+        settings = trainer_settings(self.config, *self.settings)
         rows = prompt_rows(self.data_args)
         rewards = build_rewards(self.reward_args)
         peft_config = lora_config(self.recipe_args, self.model_args)
@@ -92,8 +97,9 @@ class GRPORecipe:
         self.counter = StepCounter()
         self.engine = build_rollout_engine(self.rollout_args, self.model_args, self.config)
         try:
-            self.trainer = GRPOTrainer(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
-                                       peft_config=peft_config, rollout_engine=self.engine, callbacks=[self.counter])
+            self.trainer = self.trainer_class(policy, reward_funcs=rewards, args=self.config, train_dataset=rows,
+                                              peft_config=peft_config, rollout_engine=self.engine,
+                                              callbacks=[self.counter])
         except BaseException:
             self.close_engine()  # the workers (and a Ray started here) must not outlive a failed setup
             raise
@@ -127,7 +133,7 @@ class GRPORecipe:
                                  rewards=self.trainer.reward_names)
         if self.config.should_save:
             write_stage_record(output_dir, record)
-            print(f"[rlhf-image] grpo: {record['global_step']} steps ({record['steps_this_run']} in this run); "
+            print(f"[rlhf-image] {self.stage}: {record['global_step']} steps ({record['steps_this_run']} in this run); "
                   f"model in {output_dir}", flush=True)
         return StageResult(self.stage, output_dir, record)
 
