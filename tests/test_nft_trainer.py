@@ -39,6 +39,18 @@ def gradients(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def record_weights_after_each_step(trainer) -> list[dict[str, torch.Tensor]]:
+    """A list that holds the trainable weights after each optimizer step once `trainer.train()` has run."""
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(trainable(trainer))
+
+    trainer.add_callback(Snapshot())
+    return snapshots
+
+
 def velocity_with(trainer, weights, x_t, sigma, cond):
     """The policy's velocity with `weights` copied into its trainable parameters (restored afterwards)."""
     params = dict(trainer.model.named_parameters())
@@ -171,13 +183,7 @@ def test_awm_samples_with_the_trained_weights(tmp_path):
     engine = RecordingEngine()
     trainer = NFTTrainer(ovis_policy(), brightness, args=args, train_dataset=dataset(), peft_config=lora(),
                          rollout_engine=engine)
-    snapshots = []
-
-    class Snapshot(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            snapshots.append(trainable(trainer))
-
-    trainer.add_callback(Snapshot())
+    snapshots = record_weights_after_each_step(trainer)
     trainer.train()
     assert trainer.old_policy is None and trainer.method_name == "AWM"
     assert all(torch.equal(engine.synced[1][n], snapshots[0][n]) for n in snapshots[0])
@@ -225,13 +231,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
     trainer.model.get_base_model().register_forward_hook(poison)
     before = trainable(trainer)
-    snapshots = []
-
-    class Snapshot(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            snapshots.append(trainable(trainer))
-
-    trainer.add_callback(Snapshot())
+    snapshots = record_weights_after_each_step(trainer)
     trainer.train()
     assert all(torch.equal(snapshots[0][n], before[n]) for n in before)  # step 1 skipped: nothing moved
     assert any(not torch.equal(snapshots[1][n], before[n]) for n in before)
