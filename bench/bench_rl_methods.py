@@ -29,9 +29,10 @@ from bench_demo_seeds import cpu_model  # noqa: E402
 
 # method -> (stage command, its config, extra flags, evaluation points in optimizer steps)
 METHODS = {
-    "grpo": ("grpo", "tiny_grpo.yaml", [], (20, 40, 60)),
-    "nft": ("nft", "tiny_nft.yaml", [], (5, 10, 20)),
-    "awm": ("nft", "tiny_nft.yaml", ["--loss_type", "awm", "--learning_rate", "1.0e-4"], (5, 10, 20)),
+    "nft": ("nft", "tiny_nft.yaml", [], (10, 20)),
+    "awm": ("nft", "tiny_nft.yaml", ["--loss_type", "awm", "--timestep_fraction", "0.9", "--awm_num_timesteps", "2",
+                                     "--learning_rate", "1.0e-4"], (10, 20)),
+    "grpo": ("grpo", "tiny_grpo.yaml", [], (30, 60)),
 }
 
 
@@ -90,6 +91,19 @@ def train_method(name: str, seed: int, dpo: str, root: str) -> list[dict[str, fl
     return done
 
 
+def phase_seconds(name: str, seed: int, root: str) -> dict[str, float]:
+    """Median wall seconds per optimizer step of each logged phase (`time/rollout`, `time/reward`, `time/train`) over
+    the run's steps after the first."""
+    with open(os.path.join(root, name, f"seed_{seed}", "rlhf_stage.json")) as f:
+        history = json.load(f)["log_history"]
+    phases = {}
+    for key in ("time/rollout", "time/reward", "time/train"):
+        values = [entry[key] for entry in history[1:] if key in entry]
+        if values:
+            phases[key.split("/")[1]] = statistics.median(values)
+    return phases
+
+
 def spread(values: list[float], digits: int = 3) -> str:
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
@@ -140,6 +154,14 @@ def main() -> None:
             ratio = f"{statistics.mean(cpu) / grpo_cpu:.2f}" if grpo_cpu else "-"
             print(f"| {name} | {steps} | {spread(cpu, 0)} | {ratio} | {spread([p['exact'] for p in points])} | "
                   f"{spread([p['exact'] - start['exact'] for p in points])} | {spread([p['ned'] for p in points])} |")
+    print("\nWall seconds per step, median over each run's steps after the first, mean over seeds\n")
+    print("| method | rollout (sampling) | reward (OCR) | train | step |")
+    print("|---|---|---|---|---|")
+    for name in results:
+        phases = [phase_seconds(name, seed, args.root) for seed in args.seeds]
+        means = {key: statistics.mean(p[key] for p in phases) for key in ("rollout", "reward", "train")}
+        print(f"| {name} | {means['rollout']:.2f} | {means['reward']:.2f} | {means['train']:.2f} | "
+              f"{sum(means.values()):.2f} |")
     with open(os.path.join(args.root, "results.json"), "w") as f:
         json.dump({"dpo": start, "cpu": cpu_model(), "results": results}, f, indent=1)
     plot(results, start, os.path.join(args.root, "exact_vs_cpu_seconds.png"))
