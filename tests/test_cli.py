@@ -210,16 +210,18 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
                             timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     # --seed shifts every stage's own seed (the YAMLs' seeds are 0 or 1) and the model's initialisation seed
-    for stage, seed in (("pretrain", 2), ("sft", 3), ("dpo", 2), ("grpo", 2)):
+    for stage, seed in (("pretrain", 2), ("sft", 3), ("dpo", 2), ("grpo", 2), ("nft", 2)):
         assert f"- seed: {seed}\n" in (out / stage / "README.md").read_text(), stage
     # the end of the output: the stage table with times, the run's time and the report's path
     tail = result.stdout[result.stdout.rindex("[rlhf-image demo] held-out OCR accuracy"):]
     assert "| stage | steps | time (s) | exact cfg1 |" in tail and re.search(r"^\| grpo \| 2 \| \d+ \|", tail, re.M)
     assert re.search(r"this run: \d+ min \d+ s", tail) and f"report: {out / 'report' / 'index.html'}" in tail
-    for stage in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "eval"):
+    for stage in ("fit-vae", "pretrain", "sft", "build-pairs", "dpo", "grpo", "nft", "eval"):
         assert f"=== rlhf-image {stage} " in result.stdout
-    for folder in ("vae", "pretrain", "sft", "pairs", "dpo", "grpo", "eval/pretrain", "eval/sft", "eval/dpo",
-                   "eval/grpo"):
+    nft_record = json.loads((out / "nft" / "rlhf_stage.json").read_text())
+    assert nft_record["model"] == str(out / "dpo")  # NFT starts from the DPO model, as GRPO does
+    for folder in ("vae", "pretrain", "sft", "pairs", "dpo", "grpo", "nft", "eval/pretrain", "eval/sft", "eval/dpo",
+                   "eval/grpo", "eval/nft"):
         assert (out / folder / "rlhf_stage.json").is_file(), folder
     report = out / "report"
     page = (report / "index.html").read_text()
@@ -229,9 +231,10 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     assert base64.b64decode(sources[0].split(",", 1)[1]) == (report / "plots" / "ocr_by_stage.png").read_bytes()
     markdown = (report / "README.md").read_text()
     assert "| stage | steps | time (s) | exact cfg1 | NED cfg1 | exact cfg3 | NED cfg3 |" in markdown
-    for stage in ("pretrain", "sft", "dpo", "grpo"):
+    for stage in ("pretrain", "sft", "dpo", "grpo", "nft"):
         assert re.search(rf"^\| {stage} \| 2 \|", markdown, re.MULTILINE), stage
-    for plot in ("vae_loss", "pretrain_loss", "sft_loss", "dpo_loss", "grpo_reward", "ocr_by_stage"):
+    for plot in ("vae_loss", "pretrain_loss", "sft_loss", "dpo_loss", "grpo_reward", "nft_reward", "nft_loss",
+                 "ocr_by_stage"):
         assert (report / "plots" / f"{plot}.png").stat().st_size > 1000
 
 

@@ -6,9 +6,11 @@
 The demo is a sequence of stage commands, each run exactly as `rlhf-image <command> --config tiny_<stage>.yaml`
 would run it (same parser, same stage function), with the stage folders chained under `output_dir`:
 
-    fit-vae -> vae/        pretrain -> pretrain/   sft -> sft/   build-pairs -> pairs/   dpo -> dpo/   grpo -> grpo/
+    fit-vae -> vae/   pretrain -> pretrain/   sft -> sft/   build-pairs -> pairs/   dpo -> dpo/   grpo -> grpo/
+                                                                                             dpo/ -> nft -> nft/
 
-After pretrain, sft, dpo and grpo, `rlhf-image eval` scores the model on held-out prompts (eval/<stage>/);
+The last stage, DiffusionNFT, starts from the DPO model as GRPO does, so the report compares the two from the same
+start. After pretrain, sft, dpo, grpo and nft, `rlhf-image eval` scores the model on held-out prompts (eval/<stage>/);
 then `rlhf_image.recipes.ovis_image.report` writes report/ (HTML, markdown, plots). The sizes, steps and learning rates
 live in the tiny YAMLs; `<stage>_overrides` change them for one run (the budget knob; demo_quick.yaml uses
 it). A rerun reuses finished stages (`reuse_finished`) and resumes an interrupted training stage from its
@@ -32,8 +34,8 @@ from .stages.common import STAGE_RECORD
 # (command, folder under output_dir, tiny config) in pipeline order
 PIPELINE = (("fit-vae", "vae", "tiny_fit_vae.yaml"), ("pretrain", "pretrain", "tiny_pretrain.yaml"),
             ("sft", "sft", "tiny_sft.yaml"), ("build-pairs", "pairs", "tiny_build_pairs.yaml"),
-            ("dpo", "dpo", "tiny_dpo.yaml"), ("grpo", "grpo", "tiny_grpo.yaml"))
-TRAINING = ("pretrain", "sft", "dpo", "grpo")
+            ("dpo", "dpo", "tiny_dpo.yaml"), ("grpo", "grpo", "tiny_grpo.yaml"), ("nft", "nft", "tiny_nft.yaml"))
+TRAINING = ("pretrain", "sft", "dpo", "grpo", "nft")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DemoArguments:
     build_pairs_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra build-pairs flags."})
     dpo_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra dpo flags."})
     grpo_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra grpo flags."})
+    nft_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra nft flags."})
     eval_overrides: list[str] = field(default_factory=list, metadata={"help": "Extra eval flags (every evaluation)."})
     title: str = field(default="rlhf-image: the tiny Ovis-Image recipe on the CPU", metadata={"help": "Report title."})
     seed: int = field(
@@ -127,9 +130,11 @@ def run(args: DemoArguments) -> dict[str, str]:
     # What each stage starts from: the folder of the stage before it.
     inputs = {"fit-vae": [], "pretrain": ["--vae_path", folder("vae")], "sft": ["--model", folder("pretrain")],
               "build-pairs": ["--model", folder("sft")],
-              "dpo": ["--model", folder("sft"), "--pairs_path", folder("pairs")], "grpo": ["--model", folder("dpo")]}
+              "dpo": ["--model", folder("sft"), "--pairs_path", folder("pairs")], "grpo": ["--model", folder("dpo")],
+              "nft": ["--model", folder("dpo")]}
     overrides = {"fit-vae": args.fit_vae_overrides, "pretrain": args.pretrain_overrides, "sft": args.sft_overrides,
-                 "build-pairs": args.build_pairs_overrides, "dpo": args.dpo_overrides, "grpo": args.grpo_overrides}
+                 "build-pairs": args.build_pairs_overrides, "dpo": args.dpo_overrides, "grpo": args.grpo_overrides,
+                 "nft": args.nft_overrides}
     for command, name, stage_config in PIPELINE:
         resume = ["--resume", "latest"] if command in TRAINING else []
         timed(name, command, config(stage_config) + inputs[command] + ["--output_dir", folder(name)] + resume

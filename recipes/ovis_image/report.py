@@ -20,8 +20,8 @@ from typing import Any
 
 # (stage folder, title) in pipeline order; eval folders are demo_dir/eval/<stage folder>.
 STAGES = (("vae", "fit-vae"), ("pretrain", "pretrain"), ("sft", "sft"), ("pairs", "build-pairs"), ("dpo", "dpo"),
-          ("grpo", "grpo"))
-EVALUATED = ("pretrain", "sft", "dpo", "grpo")
+          ("grpo", "grpo"), ("nft", "nft"))
+EVALUATED = ("pretrain", "sft", "dpo", "grpo", "nft")
 # Curves per stage: (plot name, [(log key, label)]); a key missing from the log history is left out.
 CURVES = {
     "vae": [("loss", [("loss", "reconstruction loss")])],
@@ -32,6 +32,8 @@ CURVES = {
                             ("sdpo/lambda", "SDPO loser scale")])],
     "grpo": [("reward", [("rewards/ocr/mean", "OCR reward (rollouts)"), ("rewards/total/mean", "total reward")]),
              ("loss", [("loss", "GRPO loss"), ("kl", "KL to the DPO model")])],
+    "nft": [("reward", [("rewards/ocr/mean", "OCR reward (rollouts)"), ("rewards/total/mean", "total reward")]),
+            ("loss", [("loss/positive", "positive part L(v+)"), ("loss/negative", "negative part L(v-)")])],
 }
 
 
@@ -166,8 +168,8 @@ def write_report(demo_dir: str, timings: dict[str, float] | None = None,
     num_prompts = rows[0]["num_prompts"] if rows else 0
 
     intro = ("The tiny Ovis-Image model through the four stages of the recipe on the CPU (pretrain, SFT, DPO on "
-             f"OCR-scored pairs, GRPO with the OCR reward), each evaluated on {num_prompts} held-out prompts "
-             "(strings never trained on).")
+             "OCR-scored pairs, GRPO with the OCR reward) and DiffusionNFT with the same reward from the same DPO "
+             f"model, each evaluated on {num_prompts} held-out prompts (strings never trained on).")
     table_md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                 *["| " + " | ".join(r) + " |" for r in table]]
     md = [f"# {title}", "", intro, "", "## OCR accuracy on held-out prompts", "", *table_md, "",
@@ -203,7 +205,7 @@ def _facts(records: dict[str, dict[str, Any]], timings: dict[str, float]) -> lis
     if vae:
         facts.append(f"fit-vae: {vae['global_step']} steps, reconstruction L1 {vae['recon_l1']:.4f} "
                      f"({_fmt(timings.get('vae'), 0)} s)")
-    for folder in ("pretrain", "sft", "dpo", "grpo"):
+    for folder in EVALUATED:
         record = records[folder]
         if not record:
             continue
