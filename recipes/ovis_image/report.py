@@ -23,6 +23,7 @@ STAGES = (("vae", "fit-vae"), ("pretrain", "pretrain"), ("sft", "sft"), ("pairs"
           ("grpo", "grpo"), ("nft", "nft"))
 EVALUATED = ("pretrain", "sft", "dpo", "grpo", "nft")
 # Curves per stage: (plot name, [(log key, label)]); a key missing from the log history is left out.
+ROLLOUT_REWARD = ("reward", [("rewards/ocr/mean", "OCR reward (rollouts)"), ("rewards/total/mean", "total reward")])
 CURVES = {
     "vae": [("loss", [("loss", "reconstruction loss")])],
     "pretrain": [("loss", [("loss", "flow-matching loss")])],
@@ -30,9 +31,8 @@ CURVES = {
     "dpo": [("loss", [("loss", "DPO loss")]),
             ("preference", [("rewards/accuracy", "implicit reward accuracy"), ("rewards/margin", "reward margin"),
                             ("sdpo/lambda", "SDPO loser scale")])],
-    "grpo": [("reward", [("rewards/ocr/mean", "OCR reward (rollouts)"), ("rewards/total/mean", "total reward")]),
-             ("loss", [("loss", "GRPO loss"), ("kl", "KL to the DPO model")])],
-    "nft": [("reward", [("rewards/ocr/mean", "OCR reward (rollouts)"), ("rewards/total/mean", "total reward")]),
+    "grpo": [ROLLOUT_REWARD, ("loss", [("loss", "GRPO loss"), ("kl", "KL to the DPO model")])],
+    "nft": [ROLLOUT_REWARD,
             ("loss", [("loss/positive", "positive part L(v+)"), ("loss/negative", "negative part L(v-)")])],
 }
 
